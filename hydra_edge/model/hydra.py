@@ -157,6 +157,9 @@ class Hydra(nn.Module):
         """An all-zero state at position 0 (the model substitutes its learned initial values)."""
         device = self.embed.weight.device
         state = {t.name: torch.zeros(t.shape, device=device) for t in hydra_state_spec(self.cfg, batch)}
+        for block in self.blocks:
+            if block.moe is not None:  # a pinned MoE has fewer experts than the config
+                state[f"layer{block.index}.route_logits"] = torch.zeros(batch, block.moe.n_experts, device=device)
         state["pos"] = torch.zeros((), dtype=torch.long, device=device)
         return state
 

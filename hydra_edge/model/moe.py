@@ -20,8 +20,11 @@ class ChunkMoE(nn.Module):
         super().__init__()
         self.cfg = cfg
         e, d, f = cfg.n_experts, cfg.d_model, cfg.d_expert
+        self.n_experts = e  # fewer than cfg.n_experts after pin()
+        self.expert_ids = list(range(e))  # original ids of the experts kept
         self.router = nn.Linear(d, e, bias=False)
-        self.default_logits = nn.Parameter(torch.zeros(e))
+        # random, not zero: tied logits would make the first chunk's top-k depend on the backend
+        self.default_logits = nn.Parameter(torch.randn(e) * 0.1)
         self.w_gate = nn.Parameter(torch.randn(e, d, f) * d**-0.5)
         self.w_up = nn.Parameter(torch.randn(e, d, f) * d**-0.5)
         self.w_down = nn.Parameter(torch.randn(e, f, d) * 0.02)
@@ -44,12 +47,12 @@ class ChunkMoE(nn.Module):
 
         # 1. routes: chunk c uses the router logits of chunk c-1's mean input
         router_logits = self.router(xc.sum(2) / cfg.chunk)  # (B, nc, E)
-        default = self.default_logits.expand(bsz, 1, cfg.n_experts)
+        default = self.default_logits.expand(bsz, 1, self.n_experts)
         idx, weight = self.route(torch.cat([default, router_logits[:, :-1]], dim=1))  # (B, nc, k)
 
         # 2. each expert runs on the chunks routed to it
         out = torch.zeros_like(xc)
-        for e in range(cfg.n_experts):
+        for e in range(self.n_experts):
             hit = idx == e  # (B, nc, k)
             rows = hit.any(-1).nonzero(as_tuple=True)
             if rows[0].numel() == 0:
@@ -61,9 +64,9 @@ class ChunkMoE(nn.Module):
         # 3. load balance over the routes the router chose (Switch Transformer form)
         if nc > 1:
             chosen = idx[:, 1:]
-            frac = F.one_hot(chosen, cfg.n_experts).float().mean(dim=(0, 1, 2))  # (E,)
+            frac = F.one_hot(chosen, self.n_experts).float().mean(dim=(0, 1, 2))  # (E,)
             prob = torch.softmax(router_logits[:, :-1], dim=-1).mean(dim=(0, 1))
-            aux = cfg.n_experts * (frac * prob).sum()
+            aux = self.n_experts * (frac * prob).sum()
         else:
             aux = u.new_zeros(())
         return out.reshape(bsz, nc * cfg.chunk, d)[:, :t], aux
@@ -91,3 +94,18 @@ class ChunkMoE(nn.Module):
         new_logits = torch.where(done, self.router(input_sum / cfg.chunk), logits)
         new_sum = torch.where(done, torch.zeros_like(input_sum), input_sum)
         return y, new_logits, new_sum
+
+    @torch.no_grad()
+    def pin(self, keep: list[int]) -> None:
+        """Keep only the experts ``keep`` (indices into the current experts); the router ignores the rest."""
+        if len(keep) < self.cfg.top_k:
+            raise ValueError(f"pinning keeps {len(keep)} experts but top_k is {self.cfg.top_k}")
+        index = torch.tensor(sorted(keep))
+        self.router.weight = nn.Parameter(self.router.weight[index].clone())
+        self.router.out_features = len(index)
+        self.default_logits = nn.Parameter(self.default_logits[index].clone())
+        self.w_gate = nn.Parameter(self.w_gate[index].clone())
+        self.w_up = nn.Parameter(self.w_up[index].clone())
+        self.w_down = nn.Parameter(self.w_down[index].clone())
+        self.expert_ids = [self.expert_ids[i] for i in index.tolist()]
+        self.n_experts = len(index)

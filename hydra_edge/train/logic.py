@@ -1,0 +1,188 @@
+"""The logic task: synthetic multi-step implication chains.
+
+A problem lists premises ``X->Y.`` over single uppercase letters: one chain of
+k hops from a start letter (k = 1..max_hops) and distractor chains over other
+letters, all shuffled. A query ``S->`` names the chain's start, and the answer
+is the letter at the chain's end, followed by ``.``::
+
+    C->D.A->B.D->E.B->C.A->C.      (2 hops: A->B->C)
+
+The prompt that a runtime completes is the problem up to and including the
+query's ``->``; greedy decoding of one token gives the answer.
+
+Training packs several problems per sequence, each followed by ``<eos>``, and
+pads the rest with ``<pad>``. A sequence starts directly with a problem (no
+``<bos>``), as a prompt does. The loss covers only the answer letters, because
+every other letter is random. The hop count of each training problem is drawn
+uniformly from 1..max_hops. The held-out evaluation draws problems from a
+separate seed and cycles through the hop counts, so each count gets the same
+number of problems.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import UsageError
+from .tokenizer import ARROW, EOS, LETTERS, PAD, PERIOD, build_logic_tokenizer, check_vocab_fits
+
+IGNORE_INDEX = -100  # label of positions without loss (the default of F.cross_entropy)
+# added to the training seed for the held-out problems; no rank offset comes near it
+EVAL_SEED_OFFSET = 1_000_003
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem: its shuffled premises, the query's start letter and the answer."""
+
+    premises: tuple[tuple[str, str], ...]
+    start: str
+    answer: str
+    hops: int
+
+    @property
+    def prompt(self) -> str:
+        """The premises and the query, e.g. ``A->B.B->C.A->``."""
+        return "".join(f"{x}{ARROW}{y}{PERIOD}" for x, y in self.premises) + f"{self.start}{ARROW}"
+
+    @property
+    def text(self) -> str:
+        """The prompt followed by the answer and ``.``."""
+        return f"{self.prompt}{self.answer}{PERIOD}"
+
+
+def max_distractors(max_hops: int) -> int:
+    """Return the most distractor premises that fit the 26 letters next to a chain of ``max_hops``.
+
+    In the worst case every distractor premise is its own chain of two fresh letters.
+    """
+    return (len(LETTERS) - (max_hops + 1)) // 2
+
+
+def make_problem(rng: random.Random, hops: int, n_distractors: int) -> Problem:
+    """Draw a problem whose chain has ``hops`` premises, plus ``n_distractors`` distractor premises.
+
+    Distractor chains use letters disjoint from the main chain and from each
+    other, so the answer is the only letter reached from the start.
+    """
+    letters = rng.sample(LETTERS, len(LETTERS))
+    chain, rest = letters[: hops + 1], letters[hops + 1:]
+    premises = [(chain[i], chain[i + 1]) for i in range(hops)]
+
+    # distractor chains of random length until n_distractors premises exist
+    remaining = n_distractors
+    while remaining > 0:
+        length = rng.randint(1, remaining)
+        if len(rest) < length + 1:
+            raise UsageError(f"{n_distractors} distractor premises do not fit next to a {hops}-hop chain")
+        links, rest = rest[: length + 1], rest[length + 1:]
+        premises += [(links[i], links[i + 1]) for i in range(length)]
+        remaining -= length
+
+    rng.shuffle(premises)
+    return Problem(premises=tuple(premises), start=chain[0], answer=chain[-1], hops=hops)
+
+
+def problem_length(hops: int, n_distractors: int) -> int:
+    """Return the tokens of a packed problem: 4 per premise, query (2), answer and ``.`` (2), ``<eos>``."""
+    return 4 * (hops + n_distractors) + 5
+
+
+class LogicTask:
+    """Batches of packed logic problems and the held-out accuracy by hop count."""
+
+    def __init__(
+        self, vocab_size: int, seq_len: int, *, max_hops: int, n_distractors: int, seed: int
+    ) -> None:
+        if not 1 <= max_hops <= 8:
+            raise UsageError(f"max_hops must be between 1 and 8, got {max_hops}")
+        if not 0 <= n_distractors <= max_distractors(max_hops):
+            raise UsageError(
+                f"n_distractors must be between 0 and {max_distractors(max_hops)} "
+                f"for chains of up to {max_hops} hops, got {n_distractors}"
+            )
+        longest = problem_length(max_hops, n_distractors)
+        if seq_len + 1 < longest:
+            raise UsageError(
+                f"seq_len {seq_len} is too short for the logic task: a {max_hops}-hop problem "
+                f"with {n_distractors} distractors takes {longest} tokens; use --seq-len {longest - 1} or more"
+            )
+        self.tokenizer = build_logic_tokenizer()
+        check_vocab_fits(self.tokenizer, vocab_size)
+        self.vocab = self.tokenizer.get_vocab()
+        self.seq_len = seq_len
+        self.max_hops = max_hops
+        self.n_distractors = n_distractors
+        self.seed = seed
+        self.rng = random.Random(seed)
+
+    def problem_ids(self, problem: Problem) -> list[int]:
+        """Token ids of ``problem.text`` followed by ``<eos>``, without calling the tokenizer."""
+        v = self.vocab
+        ids: list[int] = []
+        for x, y in problem.premises:
+            ids += [v[x], v[ARROW], v[y], v[PERIOD]]
+        return ids + [v[problem.start], v[ARROW], v[problem.answer], v[PERIOD], v[EOS]]
+
+    def _pack(self, rng: random.Random, next_hops) -> tuple[list[int], list[int]]:
+        """Fill seq_len + 1 tokens with problems; return the ids and, per position, the hop count of
+        the answer there (0 where no answer is)."""
+        ids: list[int] = []
+        hops_at: list[int] = []
+        while True:
+            hops = next_hops()
+            problem = make_problem(rng, hops, self.n_distractors)
+            problem_ids = self.problem_ids(problem)
+            if len(ids) + len(problem_ids) > self.seq_len + 1:
+                break
+            answer_pos = len(ids) + len(problem_ids) - 3  # before ".", "<eos>"
+            ids += problem_ids
+            hops_at += [0] * len(problem_ids)
+            hops_at[answer_pos] = hops
+        pad = self.seq_len + 1 - len(ids)
+        return ids + [self.vocab[PAD]] * pad, hops_at + [0] * pad
+
+    def _batch(self, rng: random.Random, batch_size: int, next_hops) -> tuple[torch.Tensor, ...]:
+        rows = [self._pack(rng, next_hops) for _ in range(batch_size)]
+        ids = torch.tensor([r[0] for r in rows], dtype=torch.long)  # (B, T+1)
+        hops = torch.tensor([r[1] for r in rows], dtype=torch.long)
+        inputs = ids[:, :-1]
+        # the label at position t is the token at t+1, kept only where that token is an answer
+        labels = torch.where(hops[:, 1:] > 0, ids[:, 1:], IGNORE_INDEX)
+        return inputs, labels, hops[:, 1:]
+
+    def sample_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return training inputs and labels (B, seq_len), with hop counts drawn uniformly."""
+        inputs, labels, _ = self._batch(self.rng, batch_size, lambda: self.rng.randint(1, self.max_hops))
+        return inputs, labels
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, *, batches: int, batch_size: int) -> dict:
+        """Measure held-out accuracy by hop count: the argmax over the whole vocabulary at each answer.
+
+        Returns {"accuracy_by_hops": {k: accuracy}, "problems_by_hops": {k: count},
+        "accuracy": overall accuracy}.
+        """
+        rng = random.Random(self.seed + EVAL_SEED_OFFSET)
+        counter = iter(range(10**9))
+        correct = torch.zeros(self.max_hops + 1, dtype=torch.long)
+        total = torch.zeros(self.max_hops + 1, dtype=torch.long)
+        was_training = model.training
+        model.eval()
+        for _ in range(batches):
+            inputs, labels, hops = self._batch(rng, batch_size, lambda: 1 + next(counter) % self.max_hops)
+            logits, _ = model(inputs)
+            hit = (logits.argmax(-1) == labels) & (hops > 0)
+            correct += torch.bincount(hops[hit], minlength=self.max_hops + 1)
+            total += torch.bincount(hops[hops > 0], minlength=self.max_hops + 1)
+        model.train(was_training)
+        ks = range(1, self.max_hops + 1)
+        return {
+            "accuracy_by_hops": {k: correct[k].item() / max(total[k].item(), 1) for k in ks},
+            "problems_by_hops": {k: total[k].item() for k in ks},
+            "accuracy": correct.sum().item() / max(total.sum().item(), 1),
+        }

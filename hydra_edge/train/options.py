@@ -1,0 +1,67 @@
+"""Options of a training run, importable without torch so that the CLI can show their defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from ..errors import UsageError
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Options of one training run. The defaults train hydra-tiny on the logic task."""
+
+    # task
+    task: Literal["logic", "text"] = "logic"
+    data: str | None = None  # text file, required by the text task only
+
+    # batches
+    steps: int = 1000
+    batch_size: int = 32
+    seq_len: int = 128  # tokens per sequence (the logic task packs several problems into one)
+
+    # optimiser: AdamW, linear warm-up to lr, then cosine decay to lr * min_lr_ratio
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 50  # steps; capped at the number of steps
+    weight_decay: float = 0.1  # applied to matrices only, not to norms, biases or gate vectors
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0  # maximum global gradient norm
+    aux_weight: float = 0.01  # weight of the MoE load-balancing loss
+
+    # logic task
+    max_hops: int = 8
+    n_distractors: int = 4  # distractor premises per problem
+
+    # evaluation, output and resources
+    eval_batches: int = 16
+    seed: int = 0
+    threads: int | None = None  # torch threads per process; None splits the cores between processes
+    out: str = "model.pt"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.task not in ("logic", "text"):
+            raise UsageError(f"unknown task {self.task!r}; choose 'logic' or 'text'")
+        if self.task == "text" and self.data is None:
+            raise UsageError("the text task needs a text file: pass --data PATH")
+        if self.task == "logic" and self.data is not None:
+            raise UsageError("--data is only read by --task text; the logic task generates its own data")
+        positive = {"steps": self.steps, "batch_size": self.batch_size, "seq_len": self.seq_len,
+                    "eval_batches": self.eval_batches, "max_hops": self.max_hops}
+        for name, value in positive.items():
+            if value < 1:
+                raise UsageError(f"{name} must be at least 1, got {value}")
+        if not self.lr > 0:
+            raise UsageError(f"lr must be positive, got {self.lr}")
+        if self.warmup < 0:
+            raise UsageError(f"warmup must be 0 or more steps, got {self.warmup}")
+        if self.threads is not None and self.threads < 1:
+            raise UsageError(f"threads must be at least 1, got {self.threads}")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["betas"] = list(self.betas)
+        return out
