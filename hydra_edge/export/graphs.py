@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..model.hydra import Hydra
+from .onnx_passes import gemm_to_matmul, name_initializers
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,9 @@ def lower_graph(program: torch.export.ExportedProgram, model: Hydra, part: str, 
             opset_version=opset, dynamo=True, verbose=False, optimize=True,
         )
     proto = onnx_program.model_proto
+    params = {name: p.detach().cpu().numpy() for name, p in model.named_parameters()}
+    name_initializers(proto, params)
+    gemm_to_matmul(proto)
     # torch names the dynamic axis after its symbol; give it the manifest's name
     for value in list(proto.graph.input) + list(proto.graph.output):
         for dim in value.type.tensor_type.shape.dim:

@@ -25,10 +25,12 @@ log = logging.getLogger(__name__)
 
 # Weights that pick a discrete route or memory row: a rounding error there
 # changes which expert or row is used, not just a value, and they are small.
-SELECTION_WEIGHTS = ("router", "subkeys", "default_logits")
+SELECTION_WEIGHTS = ("router", "subkeys", "default_logits", "pkm.query")
 # Smaller weights stay float: their int8 saving is below the cost of the
 # extra quantize and dequantize nodes.
 MIN_QUANTIZED_ELEMENTS = 4096
+# first name component of every Hydra parameter, as the export passes name them
+PARAMETER_ROOTS = ("embed", "blocks", "workspace", "pkm", "norm_f")
 
 
 @dataclass
@@ -59,23 +61,28 @@ def quantize_gather_tables(model: onnx.ModelProto) -> QuantizationReport:
     """Replace float tables read by Gather/GatherND with int8 tables and gathered scales (in place)."""
     report = QuantizationReport()
     inits = _initializers(model)
+    done: dict[str, tuple[str, str]] = {}  # float table -> (int8 table, scales); a table may feed several gathers
     new_nodes = []
     for node in model.graph.node:
         table = inits.get(node.input[0]) if node.op_type in ("Gather", "GatherND") else None
-        if table is None or table.data_type != onnx.TensorProto.FLOAT or len(table.dims) < 2:
+        if (
+            table is None
+            or table.data_type != onnx.TensorProto.FLOAT
+            or len(table.dims) < 2
+            or any(key in table.name for key in SELECTION_WEIGHTS)
+            or any(a.name == "axis" and a.i != 0 for a in node.attribute)
+        ):
             new_nodes.append(node)
             continue
-        if node.op_type == "Gather" and any(a.name == "axis" and a.i != 0 for a in node.attribute):
-            new_nodes.append(node)
-            continue
-        values = numpy_helper.to_array(table)
-        # an embedding row is one channel; an expert matrix (E, in, out) has one scale per output column
-        axis = -1 if values.ndim == 2 else -2
-        q, scale = quantize_rows(values, axis=axis)
-        q_name, s_name = table.name + ".int8", table.name + ".scale"
-        model.graph.initializer.remove(table)
-        model.graph.initializer.extend([numpy_helper.from_array(q, q_name), numpy_helper.from_array(scale, s_name)])
-        inits.pop(table.name)
+        if table.name not in done:
+            values = numpy_helper.to_array(table)
+            # an embedding row is one channel; an expert matrix (E, in, out) has one scale per output column
+            q, scale = quantize_rows(values, axis=-1 if values.ndim == 2 else -2)
+            done[table.name] = (table.name + ".int8", table.name + ".scale")
+            model.graph.initializer.extend([numpy_helper.from_array(q, done[table.name][0]),
+                                            numpy_helper.from_array(scale, done[table.name][1])])
+            report.quantized.append({"name": table.name, "shape": list(values.shape), "method": "int8 per row, gathered"})
+        q_name, s_name = done[table.name]
 
         out = node.output[0]
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -86,9 +93,14 @@ def quantize_gather_tables(model: onnx.ModelProto) -> QuantizationReport:
             helper.make_node("Cast", [out + ".q"], [out + ".f"], name=prefix + ".cast", to=onnx.TensorProto.FLOAT),
             helper.make_node("Mul", [out + ".f", out + ".s"], [out], name=prefix + ".dequant"),
         ]
-        report.quantized.append({"name": table.name, "shape": list(values.shape), "method": "int8 per row, gathered"})
     del model.graph.node[:]
     model.graph.node.extend(new_nodes)
+
+    # drop float tables that no node reads any more
+    used = {name for node in model.graph.node for name in node.input}
+    for name in done:
+        if name not in used:
+            model.graph.initializer.remove(inits[name])
     return report
 
 
@@ -141,7 +153,11 @@ def quantize_matmul_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, Qu
 
 
 def describe_float_initializers(model: onnx.ModelProto, report: QuantizationReport) -> None:
-    """Add every float initializer not yet explained to ``report.kept_float``, with its reason."""
+    """Add every float weight not yet explained to ``report.kept_float``, with its reason.
+
+    Weights are the initializers named after a model parameter; the remaining
+    float initializers are the graph's own constants and get one summary entry.
+    """
     known = {entry["name"] for entry in report.kept_float}
     reasons = [
         ("norm", "RMSNorm scale: one value per channel, applied elementwise"),
@@ -149,16 +165,22 @@ def describe_float_initializers(model: onnx.ModelProto, report: QuantizationRepo
         ("A_log", "SSM decay: one value per head"),
         ("dt_bias", "SSM step size: one value per head"),
         (".D", "SSM skip: one value per head"),
-        ("scale", "dequantization scales of int8 tensors"),
         ("bias", "bias vector, added elementwise"),
         ("slots_init", "learned initial workspace slots, read once at position 0"),
     ]
+    constants = 0
     for init in model.graph.initializer:
         if init.data_type != onnx.TensorProto.FLOAT or init.name in known:
             continue
-        why = next((text for key, text in reasons if key in init.name), "constant of the graph, not a weight")
+        if not init.name.split(".")[0] in PARAMETER_ROOTS or init.name.endswith(("scale", "_scale")):
+            constants += 1
+            continue
+        why = next((text for key, text in reasons if key in init.name), "small weight")
         report.kept_float.append({"name": init.name, "shape": list(init.dims), "why": why})
         known.add(init.name)
+    if constants:
+        report.kept_float.append({"name": f"{constants} graph constants and dequantization scales",
+                                  "shape": [], "why": "not weights: masks, fill values and int8 scales"})
 
 
 def quantize_graph(model: onnx.ModelProto) -> tuple[onnx.ModelProto, QuantizationReport]:
