@@ -13,12 +13,13 @@ import os
 import sys
 import traceback
 from collections.abc import Sequence
+from pathlib import Path
 
 import click
 
 from . import __version__
 from .config import PRESETS, get_preset
-from .errors import HydraEdgeError
+from .errors import HydraEdgeError, UsageError
 from .train.options import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,14 @@ class HydraEdgeGroup(click.Group):
                 traceback.print_exc()
             click.echo(f"error: {exc}", err=True)
             ctx.exit(exc.exit_code)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as exc:  # a bug of ours: still one line, the traceback under --verbose
+            if ctx.params.get("verbose"):
+                traceback.print_exc()
+            click.echo(f"error: unexpected {type(exc).__name__}: {exc}; rerun with --verbose and report the traceback",
+                       err=True)
+            ctx.exit(1)
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]], *, left: int = 1) -> str:
@@ -48,14 +57,23 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]], *, le
     return "\n".join(lines)
 
 
+def format_bytes(size: int) -> str:
+    """Format a byte count in binary units, e.g. 2605248 -> "2.48 MiB"."""
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size >= scale:
+            return f"{size / scale:.2f} {unit}"
+    return f"{size} B"
+
+
 @click.group(cls=HydraEdgeGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages and print the traceback of errors.")
 @click.version_option(__version__, prog_name="hydra-edge")
 def main(verbose: bool) -> None:
     """Train, export and run the Hydra language model on CPUs."""
     # under torchrun only rank 0 logs progress; the other ranks report warnings only
-    is_main_rank = os.environ.get("RANK", "0") == "0"
-    level = logging.DEBUG if verbose else logging.INFO if is_main_rank else logging.WARNING
+    level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
+    if verbose:
+        level = logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
@@ -136,8 +154,166 @@ def info(checkpoint: str) -> None:
     click.echo(format_table(["component", "modules", "parameters", "share"], rows))
     click.echo("")
     label, size = state_size(cfg)
-    click.echo(f"{label}: {size:,} bytes ({size / 1024:.1f} KiB, float32)")
+    click.echo(f"{label}: {size:,} bytes ({format_bytes(size)}, float32)")
 
+
+
+def _default_bundle_dir(checkpoint: Path, quantize: str, moe: str) -> Path:
+    """model.pt -> model-int8/ (or model-f32/, model-int8-pinned/) beside the checkpoint."""
+    name = f"{checkpoint.stem}-{'f32' if quantize == 'none' else quantize}"
+    return checkpoint.with_name(name + ("-pinned" if moe == "pinned" else ""))
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Bundle folder to write  [default: beside the checkpoint, e.g. model-int8/]")
+@click.option("--quantize", type=click.Choice(["int8", "none"]), default="int8", show_default=True,
+              help="int8 weights (per channel or per row), or float32 throughout.")
+@click.option("--moe", type=click.Choice(["gather", "pinned"]), default="gather", show_default=True,
+              help="gather: route per chunk among all experts; pinned: keep only the experts --calib text uses.")
+@click.option("--calib", type=click.Path(path_type=Path), default=None,
+              help="UTF-8 text used by --moe pinned to choose experts and measure the quality change.")
+@click.option("--pin-mass", type=float, default=0.9, show_default=True,
+              help="With --moe pinned, keep per block the experts carrying this share of the routing mass.")
+@click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset of the graphs (18 to 21).")
+@click.option("--force", is_flag=True, help="Replace an existing bundle folder (only after the new one verified).")
+def export(checkpoint: Path, out: Path | None, quantize: str, moe: str, calib: Path | None, pin_mass: float,
+           opset: int, force: bool) -> None:
+    """Export a checkpoint to a bundle that onnxruntime runs without torch.
+
+    Stages: trace, lower (ONNX), quantize, verify (onnxruntime against the
+    PyTorch step API), write. A failed export leaves no bundle behind.
+    """
+    from .export.bundle import ExportOptions, export_model
+    from .train.checkpoint import load_checkpoint
+
+    options = ExportOptions(quantize=quantize, moe=moe, calib=calib, pin_mass=pin_mass, opset=opset, force=force)
+    model, cfg, tokenizer, meta = load_checkpoint(checkpoint)
+    if cfg.kind != "hydra":
+        raise UsageError(f"{checkpoint} holds a {cfg.kind} model; export takes a Hydra checkpoint")
+    out = out or _default_bundle_dir(checkpoint, quantize, moe)
+    result = export_model(model, tokenizer.to_str(), out, options, task=meta.get("task", "unknown"),
+                          source=str(checkpoint))
+
+    click.echo(format_table(["stage", "seconds"], [(k, f"{v:.1f}") for k, v in result.stage_seconds.items()]))
+    click.echo("")
+    click.echo("verification against PyTorch:")
+    rows = [(c.name, f"{c.value:.3g}", f"{c.limit:.3g}", "ok" if c.ok else "FAIL") for c in result.verify.checks]
+    if quantize == "none" and len(rows) > 4:
+        worst = max(result.verify.checks[1:], key=lambda c: c.value)
+        rows = rows[:1] + [(f"worst state ({worst.name.split()[0]})", f"{worst.value:.3g}", f"{worst.limit:.3g}", "ok")]
+    click.echo(format_table(["check", "value", "limit", ""], rows))
+    if result.pinned is not None:
+        pinned = result.pinned
+        click.echo("")
+        click.echo(f"pinned experts (rule: largest routing mass up to {pin_mass:.0%} per block, at least top_k):")
+        click.echo(format_table(["block", "kept experts"], [(k, " ".join(map(str, v))) for k, v in pinned.kept.items()]))
+        click.echo(f"calibration text {calib}: {pinned.calib_tokens:,} tokens, loss {pinned.loss_before:.4f} -> "
+                   f"{pinned.loss_after:.4f} nats/token, perplexity {pinned.perplexity_change:+.2%}")
+    click.echo("")
+    click.echo(f"wrote {result.bundle} ({result.bytes_total / 1e6:.1f} MB)")
+
+
+def _open_session(bundle: Path, threads: int, skip_hash_check: bool):
+    from .runtime import HydraSession
+
+    return HydraSession(bundle, threads=threads, check_hashes=not skip_hash_check)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--prompt", default=None, help="Text to continue; prints the generated text as it is produced.")
+@click.option("--file", "file_", type=click.Path(path_type=Path), default=None,
+              help="UTF-8 text file to stream through the model; reports loss, perplexity, speed and memory.")
+@click.option("--max-new-tokens", type=click.IntRange(min=0), default=64, show_default=True,
+              help="Tokens to generate after --prompt.")
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 picks the most likely token.")
+@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Sample among the k most likely tokens (0: all).")
+@click.option("--top-p", type=float, default=1.0, show_default=True,
+              help="Sample among the most likely tokens whose probability adds up to p.")
+@click.option("--seed", type=int, default=None, help="Seed of the sampler, for repeatable output.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="onnxruntime intra-op threads.")
+@click.option("--save-state", type=click.Path(path_type=Path), default=None,
+              help="After the run, save the stream's state to this file.")
+@click.option("--resume-state", type=click.Path(path_type=Path), default=None,
+              help="Continue the stream saved in this file instead of starting at position 0.")
+@click.option("--skip-hash-check", is_flag=True,
+              help="Do not compute the files' sha256 at load (presence and sizes are still checked).")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar with --file.")
+def run(bundle: Path, prompt: str | None, file_: Path | None, max_new_tokens: int, temperature: float, top_k: int,
+        top_p: float, seed: int | None, threads: int, save_state: Path | None, resume_state: Path | None,
+        skip_hash_check: bool, progress: bool) -> None:
+    """Run a bundle: continue a --prompt, or stream a --file and report perplexity.
+
+    For a bundle of the logic task, --prompt "A->B.B->C.A->" prints the answer.
+    An empty or blank --prompt is a usage error.
+    """
+    from .runtime.sampling import SamplingOptions
+
+    if (prompt is None) == (file_ is None):
+        raise UsageError("give exactly one of --prompt TEXT or --file PATH")
+    sampling = SamplingOptions(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    if prompt is not None and not prompt.strip():
+        raise UsageError("--prompt is empty; give some text to continue")
+    session = _open_session(bundle, threads, skip_hash_check)
+    from .runtime.text import load_tokenizer
+
+    tokenizer = load_tokenizer(bundle, session.manifest)
+    if resume_state is not None:
+        session.load_state(resume_state)
+    if prompt is not None:
+        _generate(session, tokenizer, prompt, max_new_tokens, sampling)
+    else:
+        _stream(session, tokenizer, file_, progress)
+    if save_state is not None:
+        session.save_state(save_state)
+        click.echo(f"saved the state at position {session.pos:,} to {save_state}", err=True)
+
+
+def _generate(session, tokenizer, prompt: str, max_new_tokens: int, sampling) -> None:
+    ids = tokenizer.encode(prompt).ids
+    if not ids:
+        raise UsageError("--prompt encodes to no tokens; give some text to continue")
+    if session.manifest.get("task") == "logic":
+        # the answer of an implication query is one token
+        answer = next(session.generate(ids, max_new_tokens=1, sampling=sampling))
+        click.echo(tokenizer.decode([answer]))
+        return
+    stop = tuple(i for i in (tokenizer.token_to_id("<|endoftext|>"), tokenizer.token_to_id("<eos>")) if i is not None)
+    generated: list[int] = []
+    shown = ""
+    click.echo(prompt, nl=False)
+    for token in session.generate(ids, max_new_tokens=max_new_tokens, sampling=sampling, stop=stop):
+        generated.append(token)
+        # decode the whole continuation each time: one token may be part of a multi-byte character
+        text = tokenizer.decode(generated)
+        if not text.endswith("\ufffd"):
+            click.echo(text[len(shown):], nl=False)
+            shown = text
+    click.echo("")
+
+
+def _stream(session, tokenizer, path: Path, progress: bool) -> None:
+    from tqdm import tqdm
+
+    from .runtime.text import stream_file
+
+    with tqdm(total=path.stat().st_size if path.is_file() else 0, unit="B", unit_scale=True,
+              disable=not progress, file=sys.stderr, desc="streaming") as bar:
+        report = stream_file(session, tokenizer, path, on_progress=lambda done, total: bar.update(done - bar.n))
+    rows = [
+        ("tokens", f"{report.tokens:,}"),
+        ("loss", f"{report.loss:.4f} nats/token"),
+        ("perplexity", f"{report.perplexity:.2f}"),
+        ("prefill speed", f"{report.tokens_per_second:,.0f} tokens/s"),
+        ("peak RSS", f"{report.peak_rss_bytes / 2**20:.1f} MiB"),
+        ("private memory (USS) at end", f"{report.uss_bytes / 2**20:.1f} MiB"),
+        ("position", f"{session.pos:,}"),
+    ]
+    click.echo(format_table(["measure", "value"], rows))
 
 if __name__ == "__main__":
     main(prog_name="hydra-edge")

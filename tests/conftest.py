@@ -6,12 +6,21 @@ import torch
 from hydra_edge.config import get_preset
 from hydra_edge.model import build_model
 
-# a one-token WordLevel tokenizer: export only copies it into the bundle
-TOKENIZER_JSON = json.dumps({
-    "version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
-    "pre_tokenizer": {"type": "Whitespace"}, "post_processor": None, "decoder": None,
-    "model": {"type": "WordLevel", "vocab": {"<unk>": 0, "the": 1, "cat": 2}, "unk_token": "<unk>"},
-})
+SAMPLE_TEXT = (
+    "The river rises in the hills and runs north to the sea. "
+    "In 1907 a bridge was built where the old ford had been, and the town grew around it.\n"
+    "Ships brought coal and grain; the mills along the banks turned them into flour and steel.\n"
+) * 40
+
+
+def _bpe_tokenizer_json() -> str:
+    from hydra_edge.train.tokenizer import train_bpe_tokenizer
+
+    return train_bpe_tokenizer([SAMPLE_TEXT], vocab_size=512).to_str()
+
+
+# a byte-level BPE tokenizer that fits hydra-tiny's vocabulary of 512
+TOKENIZER_JSON = _bpe_tokenizer_json()
 
 
 def random_hydra(preset: str, seed: int = 0):
@@ -30,6 +39,6 @@ def tiny_bundles(tmp_path_factory):
 
     model = random_hydra("hydra-tiny")
     root = tmp_path_factory.mktemp("bundles")
-    float_result = export_model(model, TOKENIZER_JSON, root / "tiny-f32", ExportOptions(quantize="none"))
-    int8_result = export_model(model, TOKENIZER_JSON, root / "tiny-int8", ExportOptions(quantize="int8"))
+    float_result = export_model(model, TOKENIZER_JSON, root / "tiny-f32", ExportOptions(quantize="none"), task="text")
+    int8_result = export_model(model, TOKENIZER_JSON, root / "tiny-int8", ExportOptions(quantize="int8"), task="text")
     return {"model": model, "none": float_result, "int8": int8_result}

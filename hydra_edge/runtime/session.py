@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import onnxruntime as ort
@@ -17,6 +18,8 @@ import onnxruntime as ort
 from ..config import HydraConfig, config_from_dict
 from ..errors import BundleError, UsageError
 from .manifest import check_array_file, load_manifest
+from .sampling import SamplingOptions, sample_token
+from .state_file import bundle_fingerprint, load_state, save_state
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +88,8 @@ class HydraSession:
 
     def _check_tokens(self, tokens) -> np.ndarray:
         arr = np.asarray(tokens)
+        if arr.size == 0:
+            raise UsageError("no tokens to feed; pass at least one token id")
         if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
             raise UsageError(f"tokens must be a 1-D sequence of integer ids, got shape {arr.shape} of {arr.dtype}")
         if arr.size and (arr.min() < 0 or arr.max() >= self.vocab_size):
@@ -123,8 +128,6 @@ class HydraSession:
     def feed(self, tokens, *, all_logits: bool = False) -> np.ndarray:
         """Feed any number of tokens; return the last position's logits (V,), or all of them (N, V)."""
         arr = self._check_tokens(tokens)
-        if arr.size == 0:
-            raise UsageError("no tokens to feed; pass at least one token id")
         outputs = []
         start = 0
         while start < arr.size:
@@ -133,3 +136,42 @@ class HydraSession:
             outputs.append(logits if all_logits else logits[-1:])
             start += n
         return np.concatenate(outputs) if all_logits else outputs[-1][-1]
+
+    # -- generation ---------------------------------------------------------
+
+    def generate(
+        self,
+        prompt: list[int],
+        *,
+        max_new_tokens: int,
+        sampling: SamplingOptions = SamplingOptions(),
+        stop: tuple[int, ...] = (),
+    ) -> Iterator[int]:
+        """Feed ``prompt`` and yield up to ``max_new_tokens`` new ids, ending after a stop id.
+
+        Each yielded id is fed back, so afterwards the stream holds the prompt and every new id.
+        """
+        if max_new_tokens < 0:
+            raise UsageError(f"max new tokens must be 0 or more, got {max_new_tokens}")
+        logits = self.feed(prompt)
+        rng = np.random.default_rng(sampling.seed)
+        for _ in range(max_new_tokens):
+            token = sample_token(logits, sampling, rng)
+            yield token
+            if token in stop:
+                return
+            logits = self.feed([token])
+
+    # -- saving and resuming ------------------------------------------------
+
+    @property
+    def fingerprint(self) -> str:
+        return bundle_fingerprint(self.manifest)
+
+    def save_state(self, path: str | Path) -> None:
+        """Write the position and state to ``path`` (atomically)."""
+        save_state(Path(path), fingerprint=self.fingerprint, pos=self.pos, state=self.state)
+
+    def load_state(self, path: str | Path) -> None:
+        """Continue the stream saved in ``path``; raise StateError if it belongs to another bundle."""
+        self.pos, self.state = load_state(Path(path), fingerprint=self.fingerprint, spec=self.state_spec)
