@@ -206,9 +206,9 @@ class StateTensor:
 def hydra_state_spec(cfg: HydraConfig, batch: int = 1) -> list[StateTensor]:
     """List every state tensor of a Hydra stream, in the order the graphs use.
 
-    The position is not in this list: it is its own graph input. A state whose
-    position is 0 is ignored by the model, which then starts from its learned
-    initial values, so an all-zero state is a valid start.
+    The position is not in this list: it is its own graph input. A stream
+    starts at position 0 with every tensor zero; there the model substitutes
+    its learned initial workspace slots and route for the zeros.
     """
     b, d, h = batch, cfg.d_model, cfg.sga_heads
     spec: list[StateTensor] = []

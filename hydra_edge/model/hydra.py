@@ -75,11 +75,7 @@ class HydraBlock(nn.Module):
         i = self.index
         h = self.norm(x)
         gates = torch.sigmoid(self.controller(h))
-        # at position 0 the recurrent state is empty whatever the tensors contain
-        fresh = pos == 0
-        conv_state = torch.where(fresh, torch.zeros_like(state[f"layer{i}.conv_state"]), state[f"layer{i}.conv_state"])
-        ssm_state = torch.where(fresh, torch.zeros_like(state[f"layer{i}.ssm_state"]), state[f"layer{i}.ssm_state"])
-        ssm_out, conv_state, ssm_state = self.ssm.step(h, conv_state, ssm_state)
+        ssm_out, conv_state, ssm_state = self.ssm.step(h, state[f"layer{i}.conv_state"], state[f"layer{i}.ssm_state"])
         new: State = {f"layer{i}.conv_state": conv_state, f"layer{i}.ssm_state": ssm_state}
         y = x + gates[..., 0:1] * ssm_out
         path = 1
@@ -154,7 +150,11 @@ class Hydra(nn.Module):
         return {"head": head, "tail": tail, "all": head + tail}[part]
 
     def init_state(self, batch: int = 1) -> State:
-        """An all-zero state at position 0 (the model substitutes its learned initial values)."""
+        """The state of a new stream: position 0 and all zeros.
+
+        At position 0 the model substitutes its learned initial workspace slots
+        and route; every other tensor must be zero there, as here.
+        """
         device = self.embed.weight.device
         state = {t.name: torch.zeros(t.shape, device=device) for t in hydra_state_spec(self.cfg, batch)}
         for block in self.blocks:
