@@ -95,15 +95,30 @@ def _read_file(path: Path) -> Any:
     # torch.load raises many unrelated types (IndexError, KeyError, EOFError,
     # RuntimeError, UnpicklingError...) on bytes that are not a torch file, so catch them all here
     except Exception as exc:
-        message = str(exc)
-        # torch 2.6 and later reject classes and callables under weights_only with this prefix
-        if isinstance(exc, pickle.UnpicklingError) and message.startswith("Weights only load failed"):
+        reason = _load_failure_reason(exc)
+        # torch 2.13 names the class or callable that weights_only refused to import
+        if "unsupported GLOBAL" in reason or "Unsupported global" in reason:
             raise CheckpointError(
-                f"checkpoint {path} contains objects other than tensors and plain types, "
+                f"checkpoint {path} contains objects other than tensors and plain types ({reason}), "
                 f"which are never loaded; {RETRAIN_HINT}"
             ) from None
-        reason = message.splitlines()[0][:120] if message else type(exc).__name__
         raise CheckpointError(f"checkpoint {path} is damaged or not a torch file ({reason}); {RETRAIN_HINT}") from None
+
+
+def _load_failure_reason(exc: Exception) -> str:
+    """Return the informative line of a torch.load error, without torch's advice on weights_only=False."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if isinstance(exc, pickle.UnpicklingError) and lines and lines[0].startswith("Weights only load failed"):
+        # the detail sits between torch's first paragraph and its pointer to the documentation
+        skip = ("Check the documentation", "Please file an issue")
+        details = [line for line in lines[1:] if not line.startswith(skip)]
+        return details[0].rstrip(".")[:160] if details else "rejected by the weights-only unpickler"
+    return f"{type(exc).__name__}: {_first_line(exc)}" if lines else type(exc).__name__
+
+
+def _first_line(exc: Exception) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:160] if lines else type(exc).__name__
 
 
 def _check_entries(path: Path, data: Any) -> None:
@@ -162,7 +177,7 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, ModelConfig, Tokenizer
     try:
         cfg = config_from_dict(data["config"])
     except UsageError as exc:
-        raise CheckpointError(f"checkpoint {path} has an invalid model config: {exc}") from None
+        raise CheckpointError(f"checkpoint {path} has an invalid model config ({exc}); {RETRAIN_HINT}") from None
     model = build_model(cfg)
     _check_state_dict(path, model, cfg, data["state_dict"])
     model.load_state_dict(data["state_dict"])
@@ -172,8 +187,7 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, ModelConfig, Tokenizer
     try:
         tokenizer = Tokenizer.from_str(data["tokenizer"])
     except Exception as exc:
-        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
-        raise CheckpointError(f"checkpoint {path} has an invalid tokenizer ({reason}); {RETRAIN_HINT}") from None
+        raise CheckpointError(f"checkpoint {path} has an invalid tokenizer ({_first_line(exc)}); {RETRAIN_HINT}") from None
     if tokenizer.get_vocab_size(with_added_tokens=True) > cfg.vocab_size:
         raise CheckpointError(
             f"checkpoint {path} has a tokenizer of {tokenizer.get_vocab_size()} tokens for a model "

@@ -21,7 +21,9 @@ number of problems.
 
 from __future__ import annotations
 
+import itertools
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -119,6 +121,8 @@ class LogicTask:
         self.n_distractors = n_distractors
         self.seed = seed
         self.rng = random.Random(seed)
+        self.train_problems = self._training_problems()
+        self.train_pending: list[Problem] = []
 
     def problem_ids(self, problem: Problem) -> list[int]:
         """Token ids of ``problem.text`` followed by ``<eos>``, without calling the tokenizer."""
@@ -128,26 +132,33 @@ class LogicTask:
             ids += [v[x], v[ARROW], v[y], v[PERIOD]]
         return ids + [v[problem.start], v[ARROW], v[problem.answer], v[PERIOD], v[EOS]]
 
-    def _pack(self, rng: random.Random, next_hops) -> tuple[list[int], list[int]]:
+    def _pack(self, problems: Iterator[Problem], pending: list[Problem]) -> tuple[list[int], list[int]]:
         """Fill seq_len + 1 tokens with problems; return the ids and, per position, the hop count of
-        the answer there (0 where no answer is)."""
+        the answer there (0 where no answer is).
+
+        A problem that does not fit stays in ``pending`` and starts the next
+        sequence, so long problems are not dropped more often than short ones.
+        """
         ids: list[int] = []
         hops_at: list[int] = []
         while True:
-            hops = next_hops()
-            problem = make_problem(rng, hops, self.n_distractors)
+            problem = pending.pop() if pending else next(problems)
             problem_ids = self.problem_ids(problem)
             if len(ids) + len(problem_ids) > self.seq_len + 1:
+                pending.append(problem)
                 break
-            answer_pos = len(ids) + len(problem_ids) - 3  # before ".", "<eos>"
+            answer_pos = len(ids) + len(problem_ids) - 3  # before "." and "<eos>"
             ids += problem_ids
             hops_at += [0] * len(problem_ids)
-            hops_at[answer_pos] = hops
+            hops_at[answer_pos] = problem.hops
         pad = self.seq_len + 1 - len(ids)
         return ids + [self.vocab[PAD]] * pad, hops_at + [0] * pad
 
-    def _batch(self, rng: random.Random, batch_size: int, next_hops) -> tuple[torch.Tensor, ...]:
-        rows = [self._pack(rng, next_hops) for _ in range(batch_size)]
+    def _batch(
+        self, problems: Iterator[Problem], pending: list[Problem], batch_size: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return inputs, labels and the hop count of each label (0 where none), all (B, seq_len)."""
+        rows = [self._pack(problems, pending) for _ in range(batch_size)]
         ids = torch.tensor([r[0] for r in rows], dtype=torch.long)  # (B, T+1)
         hops = torch.tensor([r[1] for r in rows], dtype=torch.long)
         inputs = ids[:, :-1]
@@ -155,9 +166,17 @@ class LogicTask:
         labels = torch.where(hops[:, 1:] > 0, ids[:, 1:], IGNORE_INDEX)
         return inputs, labels, hops[:, 1:]
 
+    def _training_problems(self) -> Iterator[Problem]:
+        while True:
+            yield make_problem(self.rng, self.rng.randint(1, self.max_hops), self.n_distractors)
+
+    def _held_out_problems(self, rng: random.Random) -> Iterator[Problem]:
+        for i in itertools.count():
+            yield make_problem(rng, 1 + i % self.max_hops, self.n_distractors)
+
     def sample_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Return training inputs and labels (B, seq_len), with hop counts drawn uniformly."""
-        inputs, labels, _ = self._batch(self.rng, batch_size, lambda: self.rng.randint(1, self.max_hops))
+        inputs, labels, _ = self._batch(self.train_problems, self.train_pending, batch_size)
         return inputs, labels
 
     @torch.no_grad()
@@ -167,14 +186,14 @@ class LogicTask:
         Returns {"accuracy_by_hops": {k: accuracy}, "problems_by_hops": {k: count},
         "accuracy": overall accuracy}.
         """
-        rng = random.Random(self.seed + EVAL_SEED_OFFSET)
-        counter = iter(range(10**9))
+        problems = self._held_out_problems(random.Random(self.seed + EVAL_SEED_OFFSET))
+        pending: list[Problem] = []
         correct = torch.zeros(self.max_hops + 1, dtype=torch.long)
         total = torch.zeros(self.max_hops + 1, dtype=torch.long)
         was_training = model.training
         model.eval()
         for _ in range(batches):
-            inputs, labels, hops = self._batch(rng, batch_size, lambda: 1 + next(counter) % self.max_hops)
+            inputs, labels, hops = self._batch(problems, pending, batch_size)
             logits, _ = model(inputs)
             hit = (logits.argmax(-1) == labels) & (hops > 0)
             correct += torch.bincount(hops[hit], minlength=self.max_hops + 1)

@@ -39,13 +39,14 @@ Task = LogicTask | TextTask
 
 @dataclass
 class TrainResult:
-    """What a run produced. On ranks other than 0, ``eval`` is empty and ``checkpoint`` is None."""
+    """Outcome of a training run. On ranks other than 0, ``eval`` is empty and ``checkpoint`` is None."""
 
     steps: int
     losses: list[float]  # training loss (cross-entropy only) of every step on this rank
     final_loss: float  # mean of the last 10% of ``losses``
     seconds: float  # training time without evaluation and saving
     tokens_per_second: float  # over all ranks
+    model: nn.Module  # the trained model (this rank's copy), in eval mode
     eval: dict[str, Any] = field(default_factory=dict)
     checkpoint: Path | None = None
     world_size: int = 1
@@ -153,7 +154,7 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, ctx: DistContext) -> TrainR
     result = TrainResult(
         steps=cfg.steps, losses=losses, final_loss=sum(tail) / len(tail), seconds=seconds,
         tokens_per_second=cfg.steps * cfg.batch_size * cfg.seq_len * ctx.world_size / seconds,
-        world_size=ctx.world_size,
+        model=model, world_size=ctx.world_size,
     )
     log.info("trained %d steps in %.1f s, final loss %.4f", cfg.steps, seconds, result.final_loss)
 
@@ -171,4 +172,5 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, ctx: DistContext) -> TrainR
         result.checkpoint = Path(cfg.out)
     if ctx.enabled:
         dist.barrier()
+    model.eval()
     return result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -54,8 +55,8 @@ class TrainConfig:
         for name, value in positive.items():
             if value < 1:
                 raise UsageError(f"{name} must be at least 1, got {value}")
-        if not self.lr > 0:
-            raise UsageError(f"lr must be positive, got {self.lr}")
+        if not 0 < self.lr < math.inf:
+            raise UsageError(f"lr must be a positive number, got {self.lr}")
         if self.warmup < 0:
             raise UsageError(f"warmup must be 0 or more steps, got {self.warmup}")
         if self.threads is not None and self.threads < 1:

@@ -34,11 +34,11 @@ class ComponentCount:
 
 
 def _component_of(name: str, kind: str) -> tuple[str, str]:
-    """Return (component, module path) of parameter ``name``, e.g. ("ssm", "blocks.2.ssm")."""
+    """Return (component, owner) of parameter ``name``, e.g. ("ssm", "blocks.2") or ("pkm", "pkm")."""
     match = BLOCK_PARAM.match(name)
     if match:
         part = match.group(2)
-        return BLOCK_PARTS[kind].get(part, part), f"blocks.{match.group(1)}.{part}"
+        return BLOCK_PARTS[kind].get(part, part), f"blocks.{match.group(1)}"
     top = name.split(".", 1)[0]
     return TOP_PARTS[kind].get(top, top), top
 
@@ -46,17 +46,19 @@ def _component_of(name: str, kind: str) -> tuple[str, str]:
 def count_by_component(model: nn.Module, cfg: ModelConfig) -> list[ComponentCount]:
     """Count parameters per component type, in the order the components first appear in the model.
 
-    The embedding is counted once: the output head reuses its matrix.
+    ``modules`` is the number of blocks that have the component, plus one for
+    each top-level module of that type. The embedding is counted once, because
+    the output head reuses its matrix.
     """
     counts: dict[str, ComponentCount] = {}
-    modules: dict[str, set[str]] = {}
+    owners: dict[str, set[str]] = {}
     for name, param in model.named_parameters():
-        component, path = _component_of(name, cfg.kind)
+        component, owner = _component_of(name, cfg.kind)
         entry = counts.setdefault(component, ComponentCount(component, 0, 0))
         entry.parameters += param.numel()
-        modules.setdefault(component, set()).add(path)
+        owners.setdefault(component, set()).add(owner)
     for component, entry in counts.items():
-        entry.modules = len(modules[component])
+        entry.modules = len(owners[component])
     # the embedding first, then blocks, memories and norms as they occur
     return sorted(counts.values(), key=lambda c: c.component != "embedding")
 

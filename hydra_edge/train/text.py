@@ -50,7 +50,8 @@ def read_text_file(path: str | Path) -> str:
 def split_held_out(text: str) -> tuple[str, str]:
     """Split ``text`` into the first 90% and the held-out rest, at a line break where there is one."""
     cut = int(len(text) * (1 - HELD_OUT_FRACTION))
-    newline = text.find("\n", cut)
+    # move the cut to the next line start, unless it already is one
+    newline = text.find("\n", max(cut - 1, 0))
     if newline != -1 and newline + 1 < len(text):
         cut = newline + 1
     return text[:cut], text[cut:]

@@ -50,7 +50,7 @@ def build_logic_tokenizer() -> Tokenizer:
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     """Train a byte-level BPE tokenizer with at most ``vocab_size`` tokens.
 
-    The vocabulary holds the 256 byte symbols, ``<|endoftext|>`` and the merges
+    The vocabulary contains the 256 byte symbols, ``<|endoftext|>`` and the merges
     learned from ``texts``. A small text may yield fewer than ``vocab_size``
     tokens, because training stops when no pair is left to merge.
     """
