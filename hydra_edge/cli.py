@@ -74,7 +74,9 @@ def main(verbose: bool) -> None:
     level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
     if verbose:
         level = logging.DEBUG
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # our own stages at INFO; other libraries (onnx, onnxruntime, torch) only when they warn
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("hydra_edge").setLevel(level)
 
 
 _DEFAULTS = TrainConfig()
@@ -277,16 +279,18 @@ def _generate(session, tokenizer, prompt: str, max_new_tokens: int, sampling) ->
     ids = tokenizer.encode(prompt).ids
     if not ids:
         raise UsageError("--prompt encodes to no tokens; give some text to continue")
+    vocab_limit = tokenizer.get_vocab_size(with_added_tokens=True)
     if session.manifest.get("task") == "logic":
         # the answer of an implication query is one token
-        answer = next(session.generate(ids, max_new_tokens=1, sampling=sampling))
+        answer = next(session.generate(ids, max_new_tokens=1, sampling=sampling, vocab_limit=vocab_limit))
         click.echo(tokenizer.decode([answer]))
         return
     stop = tuple(i for i in (tokenizer.token_to_id("<|endoftext|>"), tokenizer.token_to_id("<eos>")) if i is not None)
     generated: list[int] = []
     shown = ""
     click.echo(prompt, nl=False)
-    for token in session.generate(ids, max_new_tokens=max_new_tokens, sampling=sampling, stop=stop):
+    for token in session.generate(ids, max_new_tokens=max_new_tokens, sampling=sampling, stop=stop,
+                                  vocab_limit=vocab_limit):
         generated.append(token)
         # decode the whole continuation each time: one token may be part of a multi-byte character
         text = tokenizer.decode(generated)

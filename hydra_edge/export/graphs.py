@@ -78,6 +78,8 @@ def trace_graph(model: Hydra, part: str) -> torch.export.ExportedProgram:
 def lower_graph(program: torch.export.ExportedProgram, model: Hydra, part: str, opset: int) -> onnx.ModelProto:
     """Convert a traced graph to ONNX with the manifest's input and output names."""
     input_names, output_names = graph_io_names(model, part)
+    # the exporter warns about every torchvision operator it cannot register; we use none of them
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         onnx_program = torch.onnx.export(

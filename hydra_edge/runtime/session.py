@@ -146,16 +146,21 @@ class HydraSession:
         max_new_tokens: int,
         sampling: SamplingOptions = SamplingOptions(),
         stop: tuple[int, ...] = (),
+        vocab_limit: int | None = None,
     ) -> Iterator[int]:
         """Feed ``prompt`` and yield up to ``max_new_tokens`` new ids, ending after a stop id.
 
         Each yielded id is fed back, so afterwards the stream holds the prompt and every new id.
+        ``vocab_limit`` excludes ids at or above it, for a tokenizer smaller than the model's vocabulary.
         """
         if max_new_tokens < 0:
             raise UsageError(f"max new tokens must be 0 or more, got {max_new_tokens}")
         logits = self.feed(prompt)
         rng = np.random.default_rng(sampling.seed)
         for _ in range(max_new_tokens):
+            if vocab_limit is not None:
+                logits = logits.copy()
+                logits[vocab_limit:] = -np.inf
             token = sample_token(logits, sampling, rng)
             yield token
             if token in stop:
