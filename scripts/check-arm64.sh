@@ -224,6 +224,8 @@ build_root() {
     # Unpacking the package files directly gives the same files without
     # running any maintainer script, which the check does not need.
     local name deb
+    # debootstrap/base lists the package names separated by spaces.
+    # shellcheck disable=SC2013
     for name in $(cat "$build/debootstrap/base"); do
         deb=$(awk -v name="$name" '$1 == name { print $2; exit }' "$build/debootstrap/debpaths")
         [[ -n $deb ]] || fail "debootstrap listed $name but downloaded no package file for it"
