@@ -1,9 +1,9 @@
 """The export pipeline: trace, lower, quantize, verify, write.
 
 A bundle is built in a temporary folder beside its destination and renamed
-into place only after verification passed, so a failed or interrupted export
-leaves no partial bundle and never touches an existing one (which ``force``
-replaces only at the very end).
+into place only after verification passed. A failed or interrupted export
+therefore leaves no partial bundle, and an existing bundle is replaced (with
+``force``) only at the very end.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -127,6 +128,30 @@ def _prepare_destination(out: Path, force: bool) -> None:
         raise UsageError(f"cannot write to {parent}; choose another --out")
 
 
+def _raise_on_sigterm(signum, frame) -> None:
+    # turn a polite kill into an exception so that the temporary folder is removed
+    raise SystemExit(128 + signum)
+
+
+def _remove_stale_temp_folders(out: Path) -> None:
+    """Remove temporary folders that exports killed without cleanup (SIGKILL, power loss) left beside ``out``."""
+    for folder in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = folder.name[len(f".{out.name}.tmp-"):].split("-")[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            log.info("removed %s, left by an interrupted export", folder)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _move_into_place(tmp: Path, out: Path) -> None:
     """Rename the finished bundle to ``out``; an old bundle there is removed only after the new one is in place."""
     if out.exists():
@@ -157,10 +182,12 @@ def export_model(
         model = copy.deepcopy(model)
         pinned = pin_experts(model, tokenizer_json, options.calib, options.pin_mass)
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    _remove_stale_temp_folders(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes the folder private; a bundle is an ordinary folder
+    previous_handler = signal.signal(signal.SIGTERM, _raise_on_sigterm)
     try:
         # 1. trace both graphs with torch.export, then lower them to ONNX
         with _stage("trace", timings):
@@ -245,9 +272,15 @@ def export_model(
         # 6. move into place
         with _stage("write", timings):
             _move_into_place(tmp, out)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ExportError(f"cannot write the bundle in {out.parent}: {exc.strerror or exc}; "
+                          "free some space or choose another --out") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
 
     total = sum(entry["bytes"] for entry in files.values()) + (out / MANIFEST_NAME).stat().st_size
     return ExportResult(bundle=out, bytes_total=total, stage_seconds=timings, verify=verify,

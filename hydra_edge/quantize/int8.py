@@ -35,7 +35,7 @@ PARAMETER_ROOTS = ("embed", "blocks", "workspace", "pkm", "norm_f")
 
 @dataclass
 class QuantizationReport:
-    """What was stored as int8, what stayed float and why."""
+    """Tensors stored as int8, and tensors kept in float with the reason for each."""
 
     quantized: list[dict] = field(default_factory=list)
     kept_float: list[dict] = field(default_factory=list)

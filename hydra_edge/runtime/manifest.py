@@ -56,6 +56,8 @@ def load_manifest(bundle: Path, *, check_hashes: bool = True) -> dict[str, Any]:
         raise BundleError(f"{path} lists no files; export the bundle again")
     for name, entry in files.items():
         file = bundle / name
+        if not isinstance(entry, dict):
+            raise BundleError(f"{path} has an invalid entry for {name!r}; export the bundle again")
         if Path(name).name != name:
             raise BundleError(f"{path} lists {name!r}, which is not a plain file name")
         if not file.is_file():
@@ -71,6 +73,8 @@ def load_manifest(bundle: Path, *, check_hashes: bool = True) -> dict[str, Any]:
 def check_array_file(bundle: Path, spec: dict[str, Any]) -> None:
     """Check that a raw array file has exactly the bytes its shape and dtype need."""
     file = Path(bundle) / spec["file"]
+    if not file.is_file():
+        raise BundleError(f"{file} is missing from the bundle; export the bundle again")
     expected = DTYPE_SIZES[spec["dtype"]]
     for dim in spec["shape"]:
         expected *= dim

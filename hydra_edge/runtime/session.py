@@ -1,6 +1,6 @@
 """Streaming a Hydra bundle with onnxruntime: numpy and onnxruntime only, no torch.
 
-A :class:`HydraSession` holds the fixed-size state of one stream. ``feed``
+A :class:`HydraSession` keeps the fixed-size state of one stream. ``feed``
 splits any number of tokens into calls that end at or before a chunk
 boundary, runs the head graph, reads the PKM rows from the memory-mapped
 table, runs the tail graph and keeps the new state.
@@ -41,9 +41,19 @@ class HydraSession:
     def __init__(self, bundle: str | Path, *, threads: int = 1, check_hashes: bool = True) -> None:
         self.bundle = Path(bundle)
         self.manifest = load_manifest(self.bundle, check_hashes=check_hashes)
+        try:
+            self._open(threads)
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise BundleError(
+                f"{self.bundle / 'hydra.json'} has a missing or invalid entry ({type(exc).__name__}: {exc}); "
+                "export the bundle again"
+            ) from None
+        self.reset()
+
+    def _open(self, threads: int) -> None:
         cfg = config_from_dict(self.manifest["model"])
         if not isinstance(cfg, HydraConfig):
-            raise BundleError(f"{self.bundle} holds a {cfg.kind} model; open it with the matching session class")
+            raise BundleError(f"{self.bundle} contains a {cfg.kind} model, not a Hydra model; open it with the matching session class")
         self.config: HydraConfig = cfg
         self.chunk = cfg.chunk
         self.vocab_size = cfg.vocab_size
@@ -67,7 +77,22 @@ class HydraSession:
             self._pkm_scales = np.memmap(self.bundle / pkm["scales"]["file"], dtype=pkm["scales"]["dtype"],
                                          mode="r", shape=tuple(pkm["scales"]["shape"]))
         self.state_spec = {s["name"]: s for s in self.manifest["state"]}
-        self.reset()
+        self._check_state_spec()
+
+    def _check_state_spec(self) -> None:
+        """Check the manifest's state tensors against the graphs' inputs: an edited manifest fails here."""
+        inputs = {i.name: i for graph in (self._head, self._tail) for i in graph.get_inputs()}
+        for name in self._head_states + self._tail_states:
+            spec = self.state_spec.get(name)
+            graph_input = inputs.get(name)
+            if spec is None or graph_input is None:
+                raise BundleError(f"state tensor {name} is missing from the manifest or the graphs of {self.bundle}; "
+                                  "export the bundle again")
+            if list(graph_input.shape) != list(spec["shape"]) or spec["dtype"] != "float32":
+                raise BundleError(
+                    f"{self.bundle / 'hydra.json'} gives {name} shape {spec['shape']} {spec['dtype']} but the graph "
+                    f"takes {list(graph_input.shape)} float32; the manifest was edited, export the bundle again"
+                )
 
     def _open_graph(self, name: str, opts: ort.SessionOptions) -> ort.InferenceSession:
         try:
@@ -150,7 +175,7 @@ class HydraSession:
     ) -> Iterator[int]:
         """Feed ``prompt`` and yield up to ``max_new_tokens`` new ids, ending after a stop id.
 
-        Each yielded id is fed back, so afterwards the stream holds the prompt and every new id.
+        Each yielded id is fed back, so afterwards the stream contains the prompt and every new id.
         ``vocab_limit`` excludes ids at or above it, for a tokenizer smaller than the model's vocabulary.
         """
         if max_new_tokens < 0:

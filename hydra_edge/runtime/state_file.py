@@ -36,11 +36,17 @@ def save_state(path: Path, *, fingerprint: str, pos: int, state: dict[str, np.nd
     arrays["pos"] = np.array(pos, dtype=np.int64)
     arrays["format"] = np.array(STATE_FORMAT)
     arrays["fingerprint"] = np.array(fingerprint)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent if str(path.parent) else ".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as exc:
+        raise StateError(f"cannot write the state file {path}: {exc.strerror or exc}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise StateError(f"cannot write the state file {path}: {exc.strerror or exc}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
