@@ -192,11 +192,16 @@ def export(checkpoint: Path, out: Path | None, quantize: str, moe: str, calib: P
 
     options = ExportOptions(quantize=quantize, moe=moe, calib=calib, pin_mass=pin_mass, opset=opset, force=force)
     model, cfg, tokenizer, meta = load_checkpoint(checkpoint)
-    if cfg.kind != "hydra":
-        raise UsageError(f"{checkpoint} holds a {cfg.kind} model; export takes a Hydra checkpoint")
     out = out or _default_bundle_dir(checkpoint, quantize, moe)
-    result = export_model(model, tokenizer.to_str(), out, options, task=meta.get("task", "unknown"),
-                          source=str(checkpoint))
+    if cfg.kind == "transformer":
+        # the baseline: one decoder graph with a growing key/value cache, same quantization and runtime
+        from .export.transformer import export_transformer
+
+        exporter = export_transformer
+    else:
+        exporter = export_model
+    result = exporter(model, tokenizer.to_str(), out, options, task=meta.get("task", "unknown"),
+                      source=str(checkpoint))
 
     click.echo(format_table(["stage", "seconds"], [(k, f"{v:.1f}") for k, v in result.stage_seconds.items()]))
     click.echo("")
@@ -318,6 +323,77 @@ def _stream(session, tokenizer, path: Path, progress: bool) -> None:
         ("position", f"{session.pos:,}"),
     ]
     click.echo(format_table(["measure", "value"], rows))
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--baseline", type=click.Path(path_type=Path), default=None,
+              help="A second bundle, e.g. the transformer baseline, measured at the same lengths in the same run.")
+@click.option("--lengths", default="1k,8k,64k", show_default=True,
+              help="Context lengths in tokens, comma-separated; 1k = 1024 tokens.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="onnxruntime intra-op threads, the same for every bundle.")
+@click.option("--decode-tokens", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Tokens decoded one at a time after each prefill.")
+@click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Runs per bundle and length; tables show the mean and half the range.")
+@click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), default=600.0, show_default=True,
+              help="Seconds a prefill may take; a slower one stops and is reported as a timeout. Decode has the "
+                   "same limit.")
+@click.option("--memory-limit", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="MiB of resident memory a measurement may use before it is stopped  [default: half the "
+                   "physical memory]")
+@click.option("--text", type=click.Path(path_type=Path), default=None,
+              help="UTF-8 text file whose tokens are fed instead of random token ids.")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None,
+              help="Write every measurement, the settings and the machine to this JSON file.")
+@click.option("--plot", type=click.Path(path_type=Path), default=None,
+              help="Write a PNG of throughput and memory against context length (needs hydra-edge[plot]).")
+def profile(bundle: Path, baseline: Path | None, lengths: str, threads: int, decode_tokens: int, repeats: int,
+            time_limit: float, memory_limit: float | None, text: Path | None, json_out: Path | None,
+            plot: Path | None) -> None:
+    """Measure prefill and decode throughput and memory of a bundle over context lengths.
+
+    Each length runs in a fresh process: prefill of that many tokens from an
+    empty state, then --decode-tokens greedy tokens at that context, peak
+    resident memory (RSS) and private memory (USS). With --baseline, both
+    bundles alternate at every length and the table adds their ratios.
+    """
+    from .profile import default_memory_limit_mib, parse_lengths, profile_bundles, profile_document, ratio_rows
+    from .profile import table_rows, write_json
+    from .profile.plot import check_plot_available, plot_profiles
+
+    # check every argument before the first measurement, which may take minutes
+    token_counts = parse_lengths(lengths)
+    for path in (json_out, plot):
+        if path is not None and not path.absolute().parent.is_dir():
+            raise UsageError(f"folder {path.absolute().parent} does not exist; create it or choose another path")
+    if plot is not None:
+        check_plot_available()
+    memory_limit = memory_limit or default_memory_limit_mib()
+    bundles = [bundle] + ([baseline] if baseline is not None else [])
+
+    profiles = profile_bundles(bundles, token_counts, threads=threads, decode_tokens=decode_tokens, repeats=repeats,
+                               time_limit_s=time_limit, memory_limit_mib=memory_limit, text=text)
+
+    headers, rows, notes = table_rows(profiles)
+    click.echo(format_table(headers, rows, left=2))
+    for note in notes:
+        click.echo(note)
+    if baseline is not None:
+        click.echo("")
+        click.echo(f"{profiles[0].label} relative to {profiles[1].label} (tokens/s ratio):")
+        click.echo(format_table(*ratio_rows(profiles), left=1))
+    settings = {"lengths": token_counts, "threads": threads, "decode_tokens": decode_tokens, "repeats": repeats,
+                "time_limit_s": time_limit, "memory_limit_mib": memory_limit,
+                "tokens": str(text) if text is not None else "random token ids, seed 0"}
+    if json_out is not None:
+        write_json(json_out, profile_document(profiles, settings))
+        click.echo(f"wrote {json_out}")
+    if plot is not None:
+        plot_profiles(profiles, plot, title=f"{threads} thread(s); tokens: {settings['tokens']}")
+        click.echo(f"wrote {plot}")
+
 
 if __name__ == "__main__":
     main(prog_name="hydra-edge")
