@@ -4,6 +4,9 @@ import pytest
 import torch
 
 from hydra_edge.config import get_preset
+
+# the tests' models are small: one torch thread is faster than two fighting over a busy machine
+torch.set_num_threads(1)
 from hydra_edge.model import build_model
 
 SAMPLE_TEXT = (

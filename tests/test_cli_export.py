@@ -55,23 +55,6 @@ def test_export_into_an_existing_folder_needs_force(logic_export):
     assert {p.name: p.read_bytes() for p in bundle.iterdir()} == before
 
 
-def test_export_rejects_a_transformer_checkpoint(tmp_path):
-    import torch
-
-    from hydra_edge.config import get_preset
-    from hydra_edge.model import build_model
-    from hydra_edge.train.checkpoint import save_checkpoint
-    from hydra_edge.train.tokenizer import build_logic_tokenizer
-
-    cfg = get_preset("transformer-tiny")
-    torch.manual_seed(0)
-    checkpoint = tmp_path / "baseline.pt"
-    save_checkpoint(checkpoint, build_model(cfg), cfg, build_logic_tokenizer(), task="logic", train={})
-    result = cli("export", checkpoint)
-    assert result.exit_code == 2
-    assert "holds a transformer model; export takes a Hydra checkpoint" in result.output
-
-
 def test_export_of_a_file_that_is_not_a_checkpoint(tmp_path):
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint at all" * 10)

@@ -158,7 +158,8 @@ class HydraSession:
         while start < arr.size:
             n = min(self.chunk - self.pos % self.chunk, arr.size - start)
             logits = self.step(arr[start:start + n])
-            outputs.append(logits if all_logits else logits[-1:])
+            # a copy, so that the call's full logits are freed now rather than when feed returns
+            outputs.append(logits if all_logits else logits[-1:].copy())
             start += n
         return np.concatenate(outputs) if all_logits else outputs[-1][-1]
 
