@@ -202,6 +202,19 @@ def test_export_into_a_missing_or_read_only_parent(checkpoint, tmp_path):
         locked.chmod(0o700)
 
 
+def test_export_into_a_folder_it_may_not_write(checkpoint, tmp_path, monkeypatch):
+    import tempfile
+
+    def denied(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    # simulated, because root (as in CI) may write to read-only folders
+    monkeypatch.setattr(tempfile, "mkdtemp", denied)
+    result = cli("export", checkpoint, "--out", tmp_path / "b")
+    assert_one_error_line(result, 1, f"cannot write the bundle in {tmp_path}: Permission denied")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_export_with_unusable_calibration_text(checkpoint, tmp_path):
     binary = tmp_path / "calib.bin"
     binary.write_bytes(b"\xff\xfe\x00\x01" * 10)

@@ -128,6 +128,20 @@ def _prepare_destination(out: Path, force: bool) -> None:
         raise UsageError(f"cannot write to {parent}; choose another --out")
 
 
+def make_temp_folder(out: Path) -> Path:
+    """Create the folder a bundle is built in, beside ``out``; its name carries our pid for later cleanup."""
+    _remove_stale_temp_folders(out)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    except OSError as exc:
+        raise ExportError(f"cannot write the bundle in {out.parent}: {exc.strerror or exc}; "
+                          "free some space or choose another --out") from None
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes the folder private; a bundle is an ordinary folder
+    return tmp
+
+
 def _raise_on_sigterm(signum, frame) -> None:
     # turn a polite kill into an exception so that the temporary folder is removed
     raise SystemExit(128 + signum)
@@ -182,11 +196,7 @@ def export_model(
         model = copy.deepcopy(model)
         pinned = pin_experts(model, tokenizer_json, options.calib, options.pin_mass)
 
-    _remove_stale_temp_folders(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes the folder private; a bundle is an ordinary folder
+    tmp = make_temp_folder(out)
     previous_handler = signal.signal(signal.SIGTERM, _raise_on_sigterm)
     try:
         # 1. trace both graphs with torch.export, then lower them to ONNX

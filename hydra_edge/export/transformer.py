@@ -47,9 +47,9 @@ from .bundle import (
     _move_into_place,
     _prepare_destination,
     _raise_on_sigterm,
-    _remove_stale_temp_folders,
     _stage,
     _tensor_entries,
+    make_temp_folder,
 )
 from .graphs import NEW_PREFIX
 from .onnx_passes import gemm_to_matmul, name_initializers
@@ -184,11 +184,7 @@ def export_transformer(
     timings: dict[str, float] = {}
     model = model.eval()
 
-    _remove_stale_temp_folders(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes the folder private; a bundle is an ordinary folder
+    tmp = make_temp_folder(out)
     previous_handler = signal.signal(signal.SIGTERM, _raise_on_sigterm)
     try:
         # 1. trace the step API with torch.export, then lower it to ONNX
