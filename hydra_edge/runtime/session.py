@@ -9,6 +9,7 @@ table, runs the tail graph and keeps the new state.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -27,6 +28,11 @@ log = logging.getLogger(__name__)
 def session_options(threads: int) -> ort.SessionOptions:
     if threads < 1:
         raise UsageError(f"threads must be at least 1, got {threads}")
+    cores = os.cpu_count() or 1
+    if threads > cores:
+        # more threads than cores only adds contention, and thousands of them take minutes to start
+        log.warning("using %d threads, the number of CPU cores, instead of the %d requested", cores, threads)
+        threads = cores
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
