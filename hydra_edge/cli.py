@@ -223,9 +223,10 @@ def export(checkpoint: Path, out: Path | None, quantize: str, moe: str, calib: P
 
 
 def _open_session(bundle: Path, threads: int, skip_hash_check: bool):
-    from .runtime import HydraSession
+    """A HydraSession or a TransformerSession, by the bundle's model kind."""
+    from .runtime.transformer_session import open_session
 
-    return HydraSession(bundle, threads=threads, check_hashes=not skip_hash_check)
+    return open_session(bundle, threads=threads, check_hashes=not skip_hash_check)
 
 
 @main.command()
@@ -240,7 +241,7 @@ def _open_session(bundle: Path, threads: int, skip_hash_check: bool):
               help="Sample among the k most likely tokens (0: all).")
 @click.option("--top-p", type=float, default=1.0, show_default=True,
               help="Sample among the most likely tokens whose probability adds up to p.")
-@click.option("--seed", type=int, default=None, help="Seed of the sampler, for repeatable output.")
+@click.option("--seed", type=click.IntRange(min=0), default=None, help="Seed of the sampler, for repeatable output.")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
               help="onnxruntime intra-op threads.")
 @click.option("--save-state", type=click.Path(path_type=Path), default=None,
@@ -265,6 +266,10 @@ def run(bundle: Path, prompt: str | None, file_: Path | None, max_new_tokens: in
     sampling = SamplingOptions(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     if prompt is not None and not prompt.strip():
         raise UsageError("--prompt is empty; give some text to continue")
+    if file_ is not None and not file_.is_file():
+        raise UsageError(f"--file {file_} is {'a folder' if file_.is_dir() else 'not found'}; give a UTF-8 text file")
+    if save_state is not None and (save_state.is_dir() or not save_state.absolute().parent.is_dir()):
+        raise UsageError(f"--save-state {save_state} is a folder or its folder does not exist; give a file path")
     session = _open_session(bundle, threads, skip_hash_check)
     from .runtime.text import load_tokenizer
 
@@ -368,6 +373,8 @@ def profile(bundle: Path, baseline: Path | None, lengths: str, threads: int, dec
     for path in (json_out, plot):
         if path is not None and not path.absolute().parent.is_dir():
             raise UsageError(f"folder {path.absolute().parent} does not exist; create it or choose another path")
+        if path is not None and path.is_dir():
+            raise UsageError(f"{path} is a folder; pass a file name for the output")
     if plot is not None:
         check_plot_available()
     memory_limit = memory_limit or default_memory_limit_mib()

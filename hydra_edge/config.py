@@ -76,6 +76,12 @@ class HydraConfig:
             object.__setattr__(self, "ws_after", self.n_layer // 2 - 1)
         if self.pkm_after == -1:
             object.__setattr__(self, "pkm_after", 3 * self.n_layer // 4 - 1)
+        sizes = ("vocab_size", "d_model", "n_layer", "chunk", "d_state", "d_conv", "expand", "headdim", "sga_every",
+                 "sga_heads", "window", "n_global", "moe_every", "n_experts", "d_expert", "ws_slots", "ws_dim",
+                 "pkm_subkeys", "pkm_dim")
+        for name in sizes:
+            if getattr(self, name) < 1:
+                raise UsageError(f"invalid config {self.name!r}: {name} must be at least 1, got {getattr(self, name)}")
         checks = [
             (self.d_inner % self.headdim == 0, "expand * d_model must be a multiple of headdim"),
             (self.d_model % self.sga_heads == 0, "d_model must be a multiple of sga_heads"),
@@ -184,10 +190,14 @@ def config_from_dict(data: dict[str, Any]) -> ModelConfig:
     cls = {"hydra": HydraConfig, "transformer": TransformerConfig}.get(kind)
     if cls is None:
         raise UsageError(f"unknown model kind {kind!r}; expected 'hydra' or 'transformer'")
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - names)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
     if unknown:
         raise UsageError(f"unknown {kind} config fields: {', '.join(unknown)}")
+    for name, value in data.items():
+        expected = {"int": int, "float": (int, float), "str": str}.get(str(fields[name].type))
+        if expected is not None and (isinstance(value, bool) or not isinstance(value, expected)):
+            raise UsageError(f"{kind} config field {name} must be {fields[name].type}, got {value!r}")
     try:
         return cls(**data)
     except TypeError as exc:

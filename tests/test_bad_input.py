@@ -53,8 +53,10 @@ def snapshot(folder):
         ("--threads", "-3", "Invalid value for '--threads'"),
         ("--max-new-tokens", "-1", "Invalid value for '--max-new-tokens'"),
         ("--top-k", "-5", "Invalid value for '--top-k'"),
-        ("--temperature", "-1", "temperature must be 0 (greedy) or positive, got -1.0"),
-        ("--temperature", "nan", "temperature must be 0 (greedy) or positive, got nan"),
+        ("--temperature", "-1", "temperature must be 0 (greedy) or a finite positive number, got -1.0"),
+        ("--temperature", "nan", "temperature must be 0 (greedy) or a finite positive number, got nan"),
+        ("--temperature", "1e309", "temperature must be 0 (greedy) or a finite positive number, got inf"),
+        ("--seed", "-1", "Invalid value for '--seed'"),
         ("--top-p", "0", "top-p must be in (0, 1], got 0.0"),
         ("--top-p", "1.5", "top-p must be in (0, 1], got 1.5"),
         ("--threads", "many", "Invalid value for '--threads'"),
@@ -70,6 +72,15 @@ def test_run_with_huge_thread_count_still_runs(tiny_bundles):
     assert result.exit_code == 0, result.output
 
 
+def test_run_file_that_is_missing_or_a_folder(tiny_bundles, tmp_path):
+    missing = cli("run", tiny_bundles["int8"].bundle, "--file", tmp_path / "none.txt")
+    assert_one_error_line(missing, 2, "none.txt is not found; give a UTF-8 text file")
+    folder = cli("run", tiny_bundles["int8"].bundle, "--file", tmp_path)
+    assert_one_error_line(folder, 2, f"--file {tmp_path} is a folder")
+    state = cli("run", tiny_bundles["int8"].bundle, "--prompt", "x", "--save-state", tmp_path)
+    assert_one_error_line(state, 2, "is a folder or its folder does not exist")
+
+
 def test_run_needs_exactly_one_input(tiny_bundles, tmp_path):
     both = cli("run", tiny_bundles["int8"].bundle, "--prompt", "x", "--file", tmp_path / "a.txt")
     assert_one_error_line(both, 2, "give exactly one of --prompt TEXT or --file PATH")
@@ -81,13 +92,13 @@ def test_run_needs_exactly_one_input(tiny_bundles, tmp_path):
 
 
 def test_run_on_missing_empty_and_foreign_bundles(tmp_path):
-    assert_one_error_line(cli("run", tmp_path / "nowhere", "--prompt", "x"), 1, "bundle folder not found")
+    assert_one_error_line(cli("run", tmp_path / "nowhere", "--prompt", "x"), 1, "nowhere is not found")
     empty = tmp_path / "empty"
     empty.mkdir()
     assert_one_error_line(cli("run", empty, "--prompt", "x"), 1, "hydra.json is missing")
     a_file = tmp_path / "file.onnx"
     a_file.write_bytes(b"\x08\x01")
-    assert_one_error_line(cli("run", a_file, "--prompt", "x"), 1, "bundle folder not found")
+    assert_one_error_line(cli("run", a_file, "--prompt", "x"), 1, "file.onnx is a file, not a bundle folder")
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "hydra.json").write_text('{"name": "something else"}')
@@ -221,7 +232,7 @@ def test_export_with_unusable_calibration_text(checkpoint, tmp_path):
     result = cli("export", checkpoint, "--out", tmp_path / "b", "--moe", "pinned", "--calib", binary)
     assert_one_error_line(result, 2, "is not UTF-8 text")
     result = cli("export", checkpoint, "--out", tmp_path / "b", "--moe", "pinned", "--calib", tmp_path / "none.txt")
-    assert_one_error_line(result, 2, "calibration file not found")
+    assert_one_error_line(result, 2, "none.txt is not found; give a UTF-8 text file")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.bin"]
 
 

@@ -193,7 +193,7 @@ def test_plot_without_matplotlib_fails_early(transformer_bundle, tmp_path):
 def test_profile_of_a_missing_bundle(tmp_path):
     result = CliRunner().invoke(main, ["profile", str(tmp_path / "nowhere"), "--lengths", "64"])
     assert result.exit_code == 1
-    assert "bundle folder not found" in result.output
+    assert "is not found; pass the folder written by 'hydra-edge export'" in result.output
 
 
 def test_transformer_session_rejects_hydra_bundle(tiny_bundles):

@@ -46,7 +46,7 @@ def read_calibration_tokens(path: Path, tokenizer_json: str) -> torch.Tensor:
 
     path = Path(path)
     if not path.is_file():
-        raise UsageError(f"calibration file not found: {path}")
+        raise UsageError(f"calibration file {path} is {'a folder' if path.is_dir() else 'not found'}; give a UTF-8 text file")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:

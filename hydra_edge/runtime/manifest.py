@@ -33,7 +33,8 @@ def load_manifest(bundle: Path, *, check_hashes: bool = True) -> dict[str, Any]:
     bundle = Path(bundle)
     path = bundle / MANIFEST_NAME
     if not bundle.is_dir():
-        raise BundleError(f"bundle folder not found: {bundle}; pass the folder written by 'hydra-edge export'")
+        what = "is a file, not a bundle folder" if bundle.exists() else "is not found"
+        raise BundleError(f"bundle folder {bundle} {what}; pass the folder written by 'hydra-edge export'")
     if not path.is_file():
         raise BundleError(f"{path} is missing; {bundle} is not a hydra-edge bundle (export one with 'hydra-edge export')")
     try:

@@ -57,7 +57,10 @@ class HydraSession:
         self.reset()
 
     def _open(self, threads: int) -> None:
-        cfg = config_from_dict(self.manifest["model"])
+        try:
+            cfg = config_from_dict(self.manifest["model"])
+        except UsageError as exc:
+            raise BundleError(f"{self.bundle / 'hydra.json'}: {exc}; export the bundle again") from None
         if not isinstance(cfg, HydraConfig):
             raise BundleError(f"{self.bundle} contains a {cfg.kind} model, not a Hydra model; open it with the matching session class")
         self.config: HydraConfig = cfg

@@ -56,7 +56,7 @@ def load_state(path: Path, *, fingerprint: str, spec: dict[str, dict]) -> tuple[
     """Read a state file written for the bundle with ``fingerprint``; return (position, state)."""
     path = Path(path)
     if not path.is_file():
-        raise StateError(f"state file not found: {path}")
+        raise StateError(f"state file {path} is {'a folder' if path.is_dir() else 'not found'}; pass a file from --save-state")
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {name: archive[name] for name in archive.files}
