@@ -84,14 +84,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--text-checkpoint", type=Path, required=True)
     parser.add_argument("--eval-text", type=Path, required=True)
-    parser.add_argument("--logic-checkpoint", type=Path, required=True)
+    parser.add_argument("--logic-checkpoint", type=Path, default=None, help="skipped when absent")
     parser.add_argument("--tokens", type=int, default=20_000)
     parser.add_argument("--problems", type=int, default=800)
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         text = text_quality(export_pair(args.text_checkpoint, Path(tmp)), args.eval_text, args.tokens)
-        logic = logic_quality(export_pair(args.logic_checkpoint, Path(tmp)), args.problems)
+        logic = logic_quality(export_pair(args.logic_checkpoint, Path(tmp)), args.problems) if args.logic_checkpoint else None
 
     lines = [
         f"Text model {args.text_checkpoint.name}, {text['tokens']:,} tokens of {args.eval_text.name}:",
@@ -101,14 +101,19 @@ def main() -> None:
             ["perplexity change", "", f"{text['perplexity_change']:+.2%}"],
             ["top-1 agreement with float32", "", f"{text['top1_agreement']:.2%}"],
         ]),
-        "",
-        f"Logic model {args.logic_checkpoint.name}, {args.problems} held-out problems:",
-        "",
-        markdown_table(["hops"] + [str(k) for k in range(1, 9)] + ["all"], [
-            [name] + [f"{logic[q][k]:.3f}" for k in list(range(1, 9)) + ["all"]]
-            for name, q in (("float32", "none"), ("int8", "int8"))
-        ]),
     ]
+    if logic is not None:
+        lines += [
+            "",
+            f"Logic model {args.logic_checkpoint.name}, {args.problems} held-out problems:",
+            "",
+            markdown_table(["hops"] + [str(k) for k in range(1, 9)] + ["all"], [
+                [name] + [f"{logic[q][k]:.3f}" for k in list(range(1, 9)) + ["all"]]
+                for name, q in (("float32", "none"), ("int8", "int8"))
+            ]),
+        ]
+    else:
+        lines += ["", "Logic model: not measured (no --logic-checkpoint given)."]
     write_results("int8_quality", {"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()},
                                    "text": text, "logic": logic}, "\n".join(lines))
 
