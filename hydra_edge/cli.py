@@ -125,7 +125,8 @@ def train(preset: str, task: str, data: str | None, steps: int, batch_size: int,
         counts = result.eval["problems_by_hops"]
         rows = [(k, counts[k], f"{by_hops[k]:.3f}") for k in by_hops]
         rows.append(("all", sum(counts.values()), f"{result.eval['accuracy']:.3f}"))
-        click.echo("held-out accuracy by hop count:")
+        level = result.eval["curriculum_level"]
+        click.echo(f"held-out accuracy by hop count (training curriculum at level {level} of {len(counts)}):")
         click.echo(format_table(["hops", "problems", "accuracy"], rows, left=0))
     else:
         click.echo(f"held-out loss {result.eval['loss']:.4f} nats/token, perplexity "

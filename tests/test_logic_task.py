@@ -12,6 +12,7 @@ from hydra_edge.config import PRESETS
 from hydra_edge.errors import UsageError
 from hydra_edge.train.logic import (
     IGNORE_INDEX,
+    HopCurriculum,
     LogicTask,
     make_problem,
     max_distractors,
@@ -197,3 +198,50 @@ def test_too_many_distractors_raises():
     limit = max_distractors(8)
     with pytest.raises(UsageError, match=f"n_distractors must be between 0 and {limit}"):
         LogicTask(512, 512, max_hops=8, n_distractors=limit + 1, seed=0)
+
+
+def test_curriculum_starts_with_one_hop():
+    curriculum = HopCurriculum(8, enabled=True, threshold=0.6)
+    rng = random.Random(0)
+    assert curriculum.level == 1
+    assert {curriculum.draw(rng) for _ in range(50)} == {1}
+
+
+def test_curriculum_rises_at_threshold():
+    curriculum = HopCurriculum(3, enabled=True, threshold=0.6, smoothing=0.9)
+    # the running average after n perfect batches is 1 - 0.9**n, which first reaches 0.6 at n = 9
+    for _ in range(8):
+        curriculum.update(1.0)
+    assert curriculum.level == 1
+    curriculum.update(1.0)
+    assert curriculum.level == 2
+    assert curriculum.accuracy == 0.0
+    for _ in range(9):
+        curriculum.update(1.0)
+    assert curriculum.level == 3
+    for _ in range(20):
+        curriculum.update(1.0)
+    assert curriculum.level == 3
+
+
+def test_curriculum_ignores_low_accuracy():
+    curriculum = HopCurriculum(8, enabled=True, threshold=0.6)
+    for _ in range(100):
+        curriculum.update(0.5)
+    assert curriculum.level == 1
+
+
+def test_curriculum_disabled_draws_all_hops():
+    curriculum = HopCurriculum(8, enabled=False, threshold=0.6)
+    rng = random.Random(0)
+    assert curriculum.level == 8
+    assert {curriculum.draw(rng) for _ in range(500)} == set(range(1, 9))
+
+
+def test_record_step_feeds_answer_accuracy():
+    task = LogicTask(512, 128, max_hops=8, n_distractors=4, seed=0)
+    inputs, labels = task.sample_batch(4)
+    perfect = torch.nn.functional.one_hot(labels.clamp(min=0), 512).float()
+    fields = task.record_step(perfect, labels)
+    assert fields == {"hops": "1-1"}
+    assert task.curriculum.accuracy == pytest.approx(0.1)

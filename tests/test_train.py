@@ -120,7 +120,7 @@ def test_cli_train_prints_accuracy_table(tmp_path):
     ])
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
-    assert lines[0] == "held-out accuracy by hop count:"
+    assert lines[0] == "held-out accuracy by hop count (training curriculum at level 1 of 8):"
     assert lines[1].split() == ["hops", "problems", "accuracy"]
     assert [line.split()[0] for line in lines[2:11]] == [str(k) for k in range(1, 9)] + ["all"]
     assert lines[-1].startswith(f"saved {out}: 3 steps")

@@ -1,6 +1,6 @@
 """Checkpoints: the model config, weights, tokenizer and training record in one file.
 
-A checkpoint is a dict written with ``torch.save`` that holds only plain
+A checkpoint is a dict written with ``torch.save`` that contains only plain
 Python types and tensors, so ``torch.load(path, weights_only=True)`` reads it
 and nothing in it runs on load::
 
@@ -54,7 +54,7 @@ def save_checkpoint(
     """Write a checkpoint atomically: a temporary file in the same folder, then ``os.replace``.
 
     A failure at any point leaves an earlier file at ``path`` untouched and
-    removes the temporary file. ``train`` must hold only plain types.
+    removes the temporary file. ``train`` must contain only plain types.
     """
     path = Path(path)
     check_output_path(path)

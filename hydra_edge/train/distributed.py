@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class DistContext:
-    """This process's place in the training job; rank 0 shows progress, evaluates and saves."""
+    """Rank and world size of this process. Rank 0 shows progress, evaluates and saves."""
 
     rank: int = 0
     world_size: int = 1
@@ -67,7 +67,7 @@ def shutdown_distributed(ctx: DistContext) -> None:
 
 
 def default_threads(ctx: DistContext) -> int:
-    """Split the CPU cores this process may use evenly between the processes on this machine."""
+    """Return torch threads per process: the usable CPU cores divided evenly between this machine's processes."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux

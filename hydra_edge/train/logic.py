@@ -13,10 +13,15 @@ query's ``->``; greedy decoding of one token gives the answer.
 Training packs several problems per sequence, each followed by ``<eos>``, and
 pads the rest with ``<pad>``. A sequence starts directly with a problem (no
 ``<bos>``), as a prompt does. The loss covers only the answer letters, because
-every other letter is random. The hop count of each training problem is drawn
-uniformly from 1..max_hops. The held-out evaluation draws problems from a
-separate seed and cycles through the hop counts, so each count gets the same
-number of problems.
+every other letter is random.
+
+Hop counts of training problems follow a curriculum (see HopCurriculum):
+1 hop at first, then uniformly 1..level, where the level rises each time the
+running training accuracy on problems of ``level`` hops reaches a threshold.
+A tiny model first learns to look up one premise, and only then to chain
+lookups. Without the curriculum, hop counts are uniform over 1..max_hops.
+The held-out evaluation draws problems from a separate seed and cycles
+through all hop counts, so each count gets the same number of problems.
 """
 
 from __future__ import annotations
@@ -94,11 +99,39 @@ def problem_length(hops: int, n_distractors: int) -> int:
     return 4 * (hops + n_distractors) + 5
 
 
+class HopCurriculum:
+    """Hop counts that rise with the model's training accuracy.
+
+    Problems have 1..level hops, drawn uniformly. The level starts at 1 (or
+    at max_hops when disabled) and rises by one whenever the exponential
+    moving average of the per-batch accuracy on problems of exactly ``level``
+    hops reaches ``threshold``.
+    """
+
+    def __init__(self, max_hops: int, *, enabled: bool, threshold: float, smoothing: float = 0.9) -> None:
+        self.max_hops = max_hops
+        self.level = 1 if enabled else max_hops
+        self.threshold = threshold
+        self.smoothing = smoothing
+        self.accuracy = 0.0  # running average on problems of ``level`` hops
+
+    def draw(self, rng: random.Random) -> int:
+        return rng.randint(1, self.level)
+
+    def update(self, batch_accuracy: float) -> None:
+        self.accuracy = self.smoothing * self.accuracy + (1 - self.smoothing) * batch_accuracy
+        if self.level < self.max_hops and self.accuracy >= self.threshold:
+            self.level += 1
+            # the new level's problems start unsolved: the average restarts at 0
+            self.accuracy = 0.0
+
+
 class LogicTask:
     """Batches of packed logic problems and the held-out accuracy by hop count."""
 
     def __init__(
-        self, vocab_size: int, seq_len: int, *, max_hops: int, n_distractors: int, seed: int
+        self, vocab_size: int, seq_len: int, *, max_hops: int, n_distractors: int, seed: int,
+        curriculum: bool = True, curriculum_threshold: float = 0.5,
     ) -> None:
         if not 1 <= max_hops <= 8:
             raise UsageError(f"max_hops must be between 1 and 8, got {max_hops}")
@@ -121,8 +154,10 @@ class LogicTask:
         self.n_distractors = n_distractors
         self.seed = seed
         self.rng = random.Random(seed)
+        self.curriculum = HopCurriculum(max_hops, enabled=curriculum, threshold=curriculum_threshold)
         self.train_problems = self._training_problems()
         self.train_pending: list[Problem] = []
+        self.train_hops = torch.zeros(0, dtype=torch.long)  # hop count per label of the last batch
 
     def problem_ids(self, problem: Problem) -> list[int]:
         """Token ids of ``problem.text`` followed by ``<eos>``, without calling the tokenizer."""
@@ -133,8 +168,8 @@ class LogicTask:
         return ids + [v[problem.start], v[ARROW], v[problem.answer], v[PERIOD], v[EOS]]
 
     def _pack(self, problems: Iterator[Problem], pending: list[Problem]) -> tuple[list[int], list[int]]:
-        """Fill seq_len + 1 tokens with problems; return the ids and, per position, the hop count of
-        the answer there (0 where no answer is).
+        """Fill seq_len + 1 tokens with problems and return the ids and, per position, the hop count
+        of the answer there (0 where no answer is).
 
         A problem that does not fit stays in ``pending`` and starts the next
         sequence, so long problems are not dropped more often than short ones.
@@ -168,23 +203,34 @@ class LogicTask:
 
     def _training_problems(self) -> Iterator[Problem]:
         while True:
-            yield make_problem(self.rng, self.rng.randint(1, self.max_hops), self.n_distractors)
+            yield make_problem(self.rng, self.curriculum.draw(self.rng), self.n_distractors)
 
     def _held_out_problems(self, rng: random.Random) -> Iterator[Problem]:
         for i in itertools.count():
             yield make_problem(rng, 1 + i % self.max_hops, self.n_distractors)
 
     def sample_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return training inputs and labels (B, seq_len), with hop counts drawn uniformly."""
-        inputs, labels, _ = self._batch(self.train_problems, self.train_pending, batch_size)
+        """Return training inputs and labels (B, seq_len), with hop counts from the curriculum."""
+        inputs, labels, self.train_hops = self._batch(self.train_problems, self.train_pending, batch_size)
         return inputs, labels
+
+    def record_step(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, str]:
+        """Feed the accuracy of the last training batch to the curriculum and return progress-bar fields.
+
+        ``logits`` (B, T, V) and ``labels`` (B, T) belong to the last ``sample_batch`` call.
+        """
+        newest = self.train_hops == self.curriculum.level  # (B, T), answers of the newest hop count only
+        if newest.any():
+            correct = (logits.detach().argmax(-1) == labels) & newest
+            self.curriculum.update(correct.sum().item() / newest.sum().item())
+        return {"hops": f"1-{self.curriculum.level}"}
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, *, batches: int, batch_size: int) -> dict:
         """Measure held-out accuracy by hop count: the argmax over the whole vocabulary at each answer.
 
         Returns {"accuracy_by_hops": {k: accuracy}, "problems_by_hops": {k: count},
-        "accuracy": overall accuracy}.
+        "accuracy": overall accuracy, "curriculum_level": the most hops trained on}.
         """
         problems = self._held_out_problems(random.Random(self.seed + EVAL_SEED_OFFSET))
         pending: list[Problem] = []
@@ -204,4 +250,5 @@ class LogicTask:
             "accuracy_by_hops": {k: correct[k].item() / max(total[k].item(), 1) for k in ks},
             "problems_by_hops": {k: total[k].item() for k in ks},
             "accuracy": correct.sum().item() / max(total.sum().item(), 1),
+            "curriculum_level": self.curriculum.level,
         }

@@ -63,11 +63,12 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def build_task(model_cfg: ModelConfig, cfg: TrainConfig, ctx: DistContext) -> Task:
-    """Build the task of ``cfg``; its data comes from seed + rank, so every rank draws different batches."""
+    """Build the task of ``cfg``. Its data comes from seed + rank, so every rank draws different batches."""
     data_seed = cfg.seed + ctx.rank
     if cfg.task == "logic":
         return LogicTask(
-            model_cfg.vocab_size, cfg.seq_len, max_hops=cfg.max_hops, n_distractors=cfg.n_distractors, seed=data_seed
+            model_cfg.vocab_size, cfg.seq_len, max_hops=cfg.max_hops, n_distractors=cfg.n_distractors,
+            seed=data_seed, curriculum=cfg.curriculum, curriculum_threshold=cfg.curriculum_threshold,
         )
     if not ctx.enabled:
         return TextTask(cfg.data, model_cfg.vocab_size, cfg.seq_len, seed=data_seed)
@@ -92,7 +93,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
 def _run_steps(
     model: nn.Module, task: Task, cfg: TrainConfig, ctx: DistContext
 ) -> tuple[list[float], float]:
-    """Run the optimisation steps; return the loss of every step and the elapsed seconds."""
+    """Run the optimisation steps and return the loss of every step and the elapsed seconds."""
     optimizer = make_optimizer(model, cfg)
     losses: list[float] = []
     tokens_per_step = cfg.batch_size * cfg.seq_len * ctx.world_size
@@ -116,8 +117,10 @@ def _run_steps(
         losses.append(ce.item())
         if not math.isfinite(losses[-1]):
             raise HydraEdgeError(f"training loss became {losses[-1]} at step {step}; lower --lr and retry")
+        task_fields = task.record_step(logits, labels)
         elapsed = time.perf_counter() - start
-        bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tokens_per_step * (step + 1) / elapsed:,.0f}")
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tokens_per_step * (step + 1) / elapsed:,.0f}",
+                        **task_fields)
     bar.close()
     return losses, time.perf_counter() - start
 

@@ -26,7 +26,7 @@ class TrainConfig:
     # optimiser: AdamW, linear warm-up to lr, then cosine decay to lr * min_lr_ratio
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
-    warmup: int = 50  # steps; capped at the number of steps
+    warmup: int = 50  # steps, capped at the number of steps
     weight_decay: float = 0.1  # applied to matrices only, not to norms, biases or gate vectors
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0  # maximum global gradient norm
@@ -35,11 +35,13 @@ class TrainConfig:
     # logic task
     max_hops: int = 8
     n_distractors: int = 4  # distractor premises per problem
+    curriculum: bool = True  # start with 1-hop problems and add longer chains as accuracy rises
+    curriculum_threshold: float = 0.5  # running training accuracy that unlocks the next hop count
 
     # evaluation, output and resources
     eval_batches: int = 16
     seed: int = 0
-    threads: int | None = None  # torch threads per process; None splits the cores between processes
+    threads: int | None = None  # torch threads per process (None: the cores divided by the local processes)
     out: str = "model.pt"
     progress: bool = True
 
@@ -59,6 +61,8 @@ class TrainConfig:
             raise UsageError(f"lr must be a positive number, got {self.lr}")
         if self.warmup < 0:
             raise UsageError(f"warmup must be 0 or more steps, got {self.warmup}")
+        if not 0 < self.curriculum_threshold <= 1:
+            raise UsageError(f"curriculum_threshold must be in (0, 1], got {self.curriculum_threshold}")
         if self.threads is not None and self.threads < 1:
             raise UsageError(f"threads must be at least 1, got {self.threads}")
 

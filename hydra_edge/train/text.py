@@ -1,7 +1,6 @@
 """The text task: next-token prediction on a user's text file with a byte-level BPE tokenizer.
 
-The last 10% of the file (cut at the first line break after that point) is
-held out. The tokenizer is trained on the other 90% only, so the held-out
+The last 10% of the file is held out, cut at a line start where there is one. The tokenizer is trained on the other 90% only, so the held-out
 perplexity does not profit from merges learned on the held-out text.
 Training samples windows of seq_len + 1 tokens at random offsets; the
 evaluation reads the held-out tokens in consecutive windows.
@@ -27,7 +26,7 @@ HELD_OUT_FRACTION = 0.1
 
 
 def read_text_file(path: str | Path) -> str:
-    """Return the contents of a UTF-8 text file; raise UsageError if it is missing, empty or binary."""
+    """Read a UTF-8 text file and return its contents. Raise UsageError if it is missing, empty or binary."""
     path = Path(path)
     if not path.exists():
         raise UsageError(f"data file {path} not found; pass an existing text file with --data")
@@ -63,7 +62,7 @@ class TextTask:
     def __init__(
         self, path: str | Path, vocab_size: int, seq_len: int, *, seed: int, tokenizer: Tokenizer | None = None
     ) -> None:
-        """Read and encode ``path``; train a tokenizer on its first 90% unless ``tokenizer`` is given."""
+        """Read and encode ``path``, with a tokenizer trained on its first 90% unless ``tokenizer`` is given."""
         text = read_text_file(path)
         train_text, held_out_text = split_held_out(text)
         if tokenizer is None:
@@ -94,6 +93,10 @@ class TextTask:
         starts = torch.randint(0, len(self.train_ids) - self.seq_len, (batch_size,), generator=self.generator)
         windows = torch.stack([self.train_ids[s:s + self.seq_len + 1] for s in starts.tolist()])
         return windows[:, :-1], windows[:, 1:]
+
+    def record_step(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, str]:
+        """Return no progress-bar fields: the text task has no curriculum."""
+        return {}
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, *, batches: int, batch_size: int) -> dict:
