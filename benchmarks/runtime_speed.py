@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, markdown_table, random_bundle, write_results  # noqa: E402
 
 PROBE = """
-import json, resource, sys, time
+import json, sys, time
 import numpy as np
 from hydra_edge.runtime import HydraSession
 bundle, threads, n_prefill, n_decode = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
@@ -38,8 +38,10 @@ start = time.perf_counter()
 for _ in range(n_decode):
     token = int(session.feed([token]).argmax())
 decode = time.perf_counter() - start
+# VmHWM is this process's own peak; ru_maxrss can report the parent's peak from before exec
+peak_kib = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 print(json.dumps({"prefill_tps": n_prefill / prefill, "decode_tps": n_decode / decode,
-                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "peak_rss_mib": peak_kib / 1024}))
 """
 
 
