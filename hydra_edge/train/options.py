@@ -24,9 +24,9 @@ class TrainConfig:
     seq_len: int = 128  # tokens per sequence (the logic task packs several problems into one)
 
     # optimiser: AdamW, linear warm-up to lr, then cosine decay to lr * min_lr_ratio
-    lr: float = 3e-3
+    lr: float = 6e-3  # tuned on hydra-tiny and the logic task only
     min_lr_ratio: float = 0.1
-    warmup: int = 50  # steps, capped at the number of steps
+    warmup: int = 100  # steps, capped at the number of steps
     weight_decay: float = 0.1  # applied to matrices only, not to norms, biases or gate vectors
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0  # maximum global gradient norm
