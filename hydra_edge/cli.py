@@ -160,7 +160,6 @@ def info(checkpoint: str) -> None:
     click.echo(f"{label}: {size:,} bytes ({format_bytes(size)}, float32)")
 
 
-
 def _default_bundle_dir(checkpoint: Path, quantize: str, moe: str) -> Path:
     """model.pt -> model-int8/ (or model-f32/, model-int8-pinned/) beside the checkpoint."""
     name = f"{checkpoint.stem}-{'f32' if quantize == 'none' else quantize}"
