@@ -223,7 +223,7 @@ def export(checkpoint: Path, out: Path | None, quantize: str, moe: str, calib: P
 
 
 def _open_session(bundle: Path, threads: int, skip_hash_check: bool):
-    """A HydraSession or a TransformerSession, by the bundle's model kind."""
+    """Open a HydraSession or a TransformerSession, whichever the bundle's model kind needs."""
     from .runtime.transformer_session import open_session
 
     return open_session(bundle, threads=threads, check_hashes=not skip_hash_check)
@@ -313,8 +313,10 @@ def _generate(session, tokenizer, prompt: str, max_new_tokens: int, sampling) ->
 def _stream(session, tokenizer, path: Path, progress: bool) -> None:
     from tqdm import tqdm
 
-    from .runtime.text import stream_file
+    from .runtime.text import iter_text_blocks, stream_file
 
+    # an empty or binary file fails on its first block, before the progress bar is drawn
+    next(iter_text_blocks(path))
     with tqdm(total=path.stat().st_size if path.is_file() else 0, unit="B", unit_scale=True,
               disable=not progress, file=sys.stderr, desc="streaming") as bar:
         report = stream_file(session, tokenizer, path, on_progress=lambda done, total: bar.update(done - bar.n))
@@ -400,6 +402,11 @@ def profile(bundle: Path, baseline: Path | None, lengths: str, threads: int, dec
     if plot is not None:
         plot_profiles(profiles, plot, title=f"{threads} thread(s); tokens: {settings['tokens']}")
         click.echo(f"wrote {plot}")
+
+    # a profile that measured nothing for a bundle is a failure, not a result
+    for measured in profiles:
+        if not any(r.prefill_tps is not None or r.decode_tps is not None for r in measured.results):
+            raise HydraEdgeError(f"no length of {measured.label} could be measured; the notes above say why")
 
 
 if __name__ == "__main__":

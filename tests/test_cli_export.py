@@ -55,6 +55,16 @@ def test_export_into_an_existing_folder_needs_force(logic_export):
     assert {p.name: p.read_bytes() for p in bundle.iterdir()} == before
 
 
+def test_export_with_force_never_replaces_a_regular_file(logic_export):
+    checkpoint, _ = logic_export
+    target = checkpoint.with_name("notes.txt")
+    target.write_text("keep me\n")
+    result = cli("export", checkpoint, "--out", target, "--force")
+    assert result.exit_code == 2
+    assert f"error: {target} exists and is not a folder; choose another --out" in result.output
+    assert target.read_text() == "keep me\n"
+
+
 def test_export_of_a_file_that_is_not_a_checkpoint(tmp_path):
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint at all" * 10)

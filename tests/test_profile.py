@@ -150,6 +150,16 @@ def test_memory_bound_stops_and_skips(transformer_bundle, tmp_path):
     assert (tmp_path / "bounded.png").read_bytes().startswith(PNG_SIGNATURE)
 
 
+def test_profile_that_measured_nothing_fails(transformer_bundle, tmp_path):
+    result = CliRunner().invoke(main, ["profile", str(transformer_bundle), "--lengths", "64", "--memory-limit", "20",
+                                       "--json", str(tmp_path / "bounded.json")])
+    assert result.exit_code == 1
+    assert "transformer-tiny int8 at 64: out of memory bound: resident memory passed 20 MiB" in result.output
+    assert "error: no length of transformer-tiny int8 could be measured; the notes above say why" in result.output
+    # the results are still written, so the reason can be read later
+    assert json.loads((tmp_path / "bounded.json").read_text())["bundles"][0]["results"][0]["status"] == "out of memory bound"
+
+
 def test_text_tokens_are_fed_when_given(transformer_bundle, tmp_path):
     text = tmp_path / "text.txt"
     text.write_text(SAMPLE_TEXT)

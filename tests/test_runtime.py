@@ -135,7 +135,7 @@ def test_long_prompt_is_fed_in_chunks(tiny_bundles):
     prompt = list(np.random.default_rng(5).integers(0, 512, 5 * session.chunk + 3))
     out = list(session.generate(prompt, max_new_tokens=3))
     assert len(out) == 3
-    assert session.pos == len(prompt) + 3  # the stream holds the prompt and every generated token
+    assert session.pos == len(prompt) + 3  # the stream contains the prompt and every generated token
 
 
 def test_sampling_is_repeatable_with_a_seed(tiny_bundles):
@@ -241,9 +241,12 @@ def test_token_ids_out_of_range(tiny_bundles):
 def test_unusable_text_file(tiny_bundles, tmp_path, content, message):
     path = tmp_path / "input.txt"
     path.write_bytes(content)
-    result = cli("run", tiny_bundles["int8"].bundle, "--file", path, "--no-progress")
+    result = cli("run", tiny_bundles["int8"].bundle, "--file", path)
     assert result.exit_code == 2
     assert message in result.output
+    # the error is the only line: no progress bar is drawn before it
+    assert result.output.count("\n") == 1
+    assert "streaming" not in result.output
 
 
 def test_state_file_from_another_bundle(tiny_bundles, tmp_path):

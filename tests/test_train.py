@@ -196,7 +196,7 @@ def test_held_out_split_at_line_break():
 def test_text_file_too_short_for_seq_len(tmp_path):
     data = tmp_path / "short.txt"
     data.write_text("just a few words\n" * 3, encoding="utf-8")
-    with pytest.raises(UsageError, match=r"tokens, fewer than seq_len \+ 1 = 129; use a longer file"):
+    with pytest.raises(UsageError, match=r"tokens, fewer than --seq-len \+ 1 = 129; use a longer file"):
         TextTask(data, 512, 128, seed=0)
 
 
@@ -232,12 +232,16 @@ def test_missing_and_directory_text_file_raise(tmp_path):
         (["--task", "text", "--data", "absent.txt"], "error: data file absent.txt not found"),
         (["--task", "logic", "--data", "x.txt"], "error: --data is only read by --task text"),
         (["--preset", "hydra-huge"], "error: unknown preset 'hydra-huge'; choose one of: hydra-29m"),
-        (["--steps", "0"], "error: steps must be at least 1, got 0"),
-        (["--seq-len", "20"], "error: seq_len 20 is too short for the logic task"),
+        (["--steps", "0"], "error: --steps must be at least 1, got 0"),
+        (["--seq-len", "20"], "error: --seq-len 20 is too short for the logic task"),
+        (["--seq-len", "100000"], "error: --seq-len 100,000 is more than 16,384; train on shorter sequences"),
+        (["--batch-size", "1000", "--seq-len", "1000"],
+         "error: --batch-size x --seq-len = 1,000,000 tokens per step is more than 65,536; lower one of them"),
+        (["--lr", "0"], "error: --lr must be a positive number, got 0.0"),
         (["--out", "no/such/folder/model.pt"], "error: output folder no/such/folder does not exist"),
     ],
     ids=["text-without-data", "missing-data", "logic-with-data", "unknown-preset", "zero-steps",
-         "short-seq-len", "missing-out-folder"],
+         "short-seq-len", "huge-seq-len", "huge-step", "zero-lr", "missing-out-folder"],
 )
 def test_cli_train_bad_option_one_line(tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
@@ -262,7 +266,7 @@ def test_cli_verbose_shows_traceback(tmp_path):
     result = CliRunner().invoke(main, ["--verbose", "train", "--steps", "0"])
     assert result.exit_code == 2
     assert "Traceback (most recent call last)" in result.stderr
-    assert result.stderr.rstrip().endswith("error: steps must be at least 1, got 0")
+    assert result.stderr.rstrip().endswith("error: --steps must be at least 1, got 0")
 
 
 # -- atomic saving ------------------------------------------------------------

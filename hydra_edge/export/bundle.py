@@ -20,11 +20,10 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Callable, Iterator, Literal
 
 import numpy as np
 import onnx
-import torch
 
 from .. import __version__
 from ..config import config_to_dict
@@ -80,9 +79,11 @@ class ExportResult:
 
 @contextlib.contextmanager
 def _stage(name: str, timings: dict[str, float]) -> Iterator[None]:
+    _stop_if_interrupted()
     log.info("%s ...", name)
     start = time.perf_counter()
     yield
+    _stop_if_interrupted()
     timings[name] = time.perf_counter() - start
     log.info("%s done in %.1f s", name, timings[name])
 
@@ -128,6 +129,46 @@ def _prepare_destination(out: Path, force: bool) -> None:
         raise UsageError(f"cannot write to {parent}; choose another --out")
 
 
+@contextlib.contextmanager
+def bundle_folder(out: Path) -> Iterator[Path]:
+    """Yield the temporary folder a bundle is built in. The folder is removed if the block fails or is interrupted."""
+    tmp = make_temp_folder(out)
+    _received_signals.clear()
+    previous = {sig: signal.signal(sig, _on_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield tmp
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ExportError(f"cannot write the bundle in {out.parent}: {exc.strerror or exc}; "
+                          "free some space or choose another --out") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def finish_bundle(tmp: Path, out: Path, manifest: dict, timings: dict[str, float],
+                  verify: Callable[[], VerifyReport]) -> tuple[VerifyReport, int]:
+    """Write the manifest last, run ``verify`` on the folder and move it to ``out``.
+
+    Returns the verification report and the bundle's size in bytes.
+    """
+    files = {path.name: {"bytes": path.stat().st_size, "sha256": sha256_file(path)} for path in sorted(tmp.iterdir())}
+    manifest["files"] = files
+    (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+
+    with _stage("verify", timings):
+        report = verify()
+    if not report.passed:
+        raise ExportError(f"verification failed, no bundle written: {report.summary()}")
+
+    with _stage("write", timings):
+        _move_into_place(tmp, out)
+    return report, sum(entry["bytes"] for entry in files.values()) + (out / MANIFEST_NAME).stat().st_size
+
+
 def make_temp_folder(out: Path) -> Path:
     """Create the folder a bundle is built in, beside ``out``; its name carries our pid for later cleanup."""
     _remove_stale_temp_folders(out)
@@ -142,9 +183,26 @@ def make_temp_folder(out: Path) -> Path:
     return tmp
 
 
-def _raise_on_sigterm(signum, frame) -> None:
-    # turn a polite kill into an exception so that the temporary folder is removed
-    raise SystemExit(128 + signum)
+_received_signals: list[int] = []
+
+
+def _on_interrupt(signum, frame) -> None:
+    # Ctrl-C and a polite kill become exceptions so that the temporary folder is removed
+    _received_signals.append(signum)
+    _stop_if_interrupted()
+
+
+def _stop_if_interrupted() -> None:
+    """Raise for a signal received during the export.
+
+    Checked again between stages, because a library may catch the exception
+    raised inside its own code and carry on.
+    """
+    if not _received_signals:
+        return
+    if _received_signals[0] == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise SystemExit(128 + _received_signals[0])
 
 
 def _remove_stale_temp_folders(out: Path) -> None:
@@ -196,9 +254,7 @@ def export_model(
         model = copy.deepcopy(model)
         pinned = pin_experts(model, tokenizer_json, options.calib, options.pin_mass)
 
-    tmp = make_temp_folder(out)
-    previous_handler = signal.signal(signal.SIGTERM, _raise_on_sigterm)
-    try:
+    with bundle_folder(out) as tmp:
         # 1. trace both graphs with torch.export, then lower them to ONNX
         with _stage("trace", timings):
             programs = {part: trace_graph(model, part) for part in ("head", "tail")}
@@ -221,7 +277,6 @@ def export_model(
                 report.quantized.append({"name": "pkm.values", "shape": list(table.shape), "method": "int8 per row, memory-mapped file"})
 
         # 3. write every file but the manifest
-        files: dict[str, dict] = {}
         for part, proto in protos.items():
             onnx.save(proto, tmp / f"{part}.onnx")
         if options.quantize == "int8":
@@ -267,31 +322,9 @@ def export_model(
                 "inputs": _tensor_entries(proto, inputs, "input"),
                 "outputs": _tensor_entries(proto, outputs, "output"),
             }
-        for path in sorted(tmp.iterdir()):
-            files[path.name] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
-        manifest["files"] = files
-        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
 
-        # 5. run the bundle with onnxruntime against the PyTorch step API
-        with _stage("verify", timings):
-            verify = verify_bundle(model, tmp, quantized=options.quantize == "int8",
-                                   n_tokens=options.verify_tokens)
-        if not verify.passed:
-            raise ExportError(f"verification failed, no bundle written: {verify.summary()}")
-
-        # 6. move into place
-        with _stage("write", timings):
-            _move_into_place(tmp, out)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise ExportError(f"cannot write the bundle in {out.parent}: {exc.strerror or exc}; "
-                          "free some space or choose another --out") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        signal.signal(signal.SIGTERM, previous_handler)
-
-    total = sum(entry["bytes"] for entry in files.values()) + (out / MANIFEST_NAME).stat().st_size
+        # 5. verify against the PyTorch step API, then move into place
+        verify, total = finish_bundle(tmp, out, manifest, timings, lambda: verify_bundle(
+            model, tmp, quantized=options.quantize == "int8", n_tokens=options.verify_tokens))
     return ExportResult(bundle=out, bytes_total=total, stage_seconds=timings, verify=verify,
                         pinned=pinned, quantization=report)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..model.hydra import Hydra
-from .onnx_passes import gemm_to_matmul, name_initializers
+from .onnx_passes import fold_weight_transposes, gemm_to_matmul, name_initializers
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +75,9 @@ def trace_graph(model: Hydra, part: str) -> torch.export.ExportedProgram:
     return torch.export.export(wrapper.eval(), args, dynamic_shapes=dynamic_shapes, strict=False)
 
 
-def lower_graph(program: torch.export.ExportedProgram, model: Hydra, part: str, opset: int) -> onnx.ModelProto:
-    """Convert a traced graph to ONNX with the manifest's input and output names."""
-    input_names, output_names = graph_io_names(model, part)
+def program_to_onnx(program: torch.export.ExportedProgram, model: nn.Module, input_names: list[str],
+                    output_names: list[str], opset: int) -> onnx.ModelProto:
+    """Run the ONNX exporter on a traced program and name every weight after its parameter."""
     # the exporter warns about every torchvision operator it cannot register; we use none of them
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with warnings.catch_warnings():
@@ -87,9 +87,16 @@ def lower_graph(program: torch.export.ExportedProgram, model: Hydra, part: str, 
             opset_version=opset, dynamo=True, verbose=False, optimize=True,
         )
     proto = onnx_program.model_proto
-    params = {name: p.detach().cpu().numpy() for name, p in model.named_parameters()}
-    name_initializers(proto, params)
+    name_initializers(proto, {name: p.detach().cpu().numpy() for name, p in model.named_parameters()})
+    fold_weight_transposes(proto)
     gemm_to_matmul(proto)
+    return proto
+
+
+def lower_graph(program: torch.export.ExportedProgram, model: Hydra, part: str, opset: int) -> onnx.ModelProto:
+    """Convert a traced graph to ONNX with the manifest's input and output names."""
+    input_names, output_names = graph_io_names(model, part)
+    proto = program_to_onnx(program, model, input_names, output_names, opset)
     # torch names the dynamic axis after its symbol; give it the manifest's name
     for value in list(proto.graph.input) + list(proto.graph.output):
         for dim in value.type.tensor_type.shape.dim:

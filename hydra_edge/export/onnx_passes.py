@@ -78,3 +78,34 @@ def gemm_to_matmul(proto: onnx.ModelProto) -> None:
     for init in list(proto.graph.initializer):
         if init.name not in used:
             proto.graph.initializer.remove(init)
+
+
+def fold_weight_transposes(proto: onnx.ModelProto) -> None:
+    """Replace ``Transpose`` of a 2-D weight with a transposed copy named ``<weight>.T``.
+
+    The output head is tied to the embedding, and the exporter keeps
+    ``Transpose(embed.weight)`` as a node because the embedding ``Gather``
+    reads the same initializer. Without this pass the head's ``MatMul`` has no
+    constant weight, so int8 quantization would leave it in float.
+    """
+    inits = {t.name: t for t in proto.graph.initializer}
+    for node in proto.graph.node:
+        weight = inits.get(node.input[0]) if node.op_type == "Transpose" else None
+        perm = [list(a.ints) for a in node.attribute if a.name == "perm"]
+        if weight is None or len(weight.dims) != 2 or perm not in ([], [[1, 0]]):
+            continue
+        name = weight.name + ".T"
+        if name not in inits:
+            transposed = np.ascontiguousarray(numpy_helper.to_array(weight).T)
+            inits[name] = numpy_helper.from_array(transposed, name)
+            proto.graph.initializer.append(inits[name])
+        for consumer in proto.graph.node:
+            for i, value in enumerate(consumer.input):
+                if value == node.output[0]:
+                    consumer.input[i] = name
+    # the Transpose nodes now feed nothing
+    needed = {value for node in proto.graph.node for value in node.input}
+    needed |= {value.name for value in proto.graph.output}
+    remaining = [n for n in proto.graph.node if n.op_type != "Transpose" or n.output[0] in needed]
+    del proto.graph.node[:]
+    proto.graph.node.extend(remaining)

@@ -16,43 +16,34 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
-import os
-import shutil
-import signal
-import tempfile
 import time
-import warnings
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import onnx
 import torch
-from onnx import numpy_helper
 from torch import nn
 
 from .. import __version__
 from ..config import config_to_dict
-from ..errors import ExportError, UsageError
+from ..errors import UsageError
 from ..model.transformer import Transformer
 from ..quantize import QuantizationReport, quantize_graph
-from ..runtime.manifest import BUNDLE_FORMAT, FORMAT_VERSION, MANIFEST_NAME, sha256_file
+from ..runtime.manifest import BUNDLE_FORMAT, FORMAT_VERSION
 from ..runtime.transformer_session import TransformerSession
 from .bundle import (
     ExportOptions,
     ExportResult,
     _check_graph,
-    _move_into_place,
     _prepare_destination,
-    _raise_on_sigterm,
     _stage,
     _tensor_entries,
-    make_temp_folder,
+    bundle_folder,
+    finish_bundle,
 )
-from .graphs import NEW_PREFIX
-from .onnx_passes import gemm_to_matmul, name_initializers
+from .graphs import NEW_PREFIX, program_to_onnx
 from .verify import FLOAT_TOLERANCE, INT8_MAX_RELATIVE_RMS, INT8_MIN_TOP1, Check, VerifyReport
 
 log = logging.getLogger(__name__)
@@ -101,19 +92,7 @@ def trace_decoder(model: Transformer) -> torch.export.ExportedProgram:
 def lower_decoder(program: torch.export.ExportedProgram, model: Transformer, opset: int) -> onnx.ModelProto:
     """Convert the traced decoder to ONNX with the manifest's names for inputs, outputs and axes."""
     input_names, output_names = decoder_io_names(model)
-    # the exporter warns about every torchvision operator it cannot register; we use none of them
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        onnx_program = torch.onnx.export(
-            program, input_names=input_names, output_names=output_names,
-            opset_version=opset, dynamo=True, verbose=False, optimize=True,
-        )
-    proto = onnx_program.model_proto
-    params = {name: p.detach().cpu().numpy() for name, p in model.named_parameters()}
-    name_initializers(proto, params)
-    fold_weight_transposes(proto)
-    gemm_to_matmul(proto)
+    proto = program_to_onnx(program, model, input_names, output_names, opset)
 
     # torch names each cache's axis after its own symbol; every cache has the same length S
     for value in proto.graph.input:
@@ -129,37 +108,6 @@ def lower_decoder(program: torch.export.ExportedProgram, model: Transformer, ops
         else:
             dims[2].dim_param = "S + T"
     return proto
-
-
-def fold_weight_transposes(proto: onnx.ModelProto) -> None:
-    """Replace ``Transpose`` of a 2-D weight with a transposed copy named ``<weight>.T``.
-
-    The output head is tied to the embedding, and the exporter keeps
-    ``Transpose(embed.weight)`` as a node because the embedding ``Gather``
-    reads the same initializer. Without this pass the head's ``MatMul`` has no
-    constant weight, so int8 quantization would leave it in float.
-    """
-    inits = {t.name: t for t in proto.graph.initializer}
-    for node in proto.graph.node:
-        weight = inits.get(node.input[0]) if node.op_type == "Transpose" else None
-        perm = [list(a.ints) for a in node.attribute if a.name == "perm"]
-        if weight is None or len(weight.dims) != 2 or perm not in ([], [[1, 0]]):
-            continue
-        name = weight.name + ".T"
-        if name not in inits:
-            transposed = np.ascontiguousarray(numpy_helper.to_array(weight).T)
-            inits[name] = numpy_helper.from_array(transposed, name)
-            proto.graph.initializer.append(inits[name])
-        for consumer in proto.graph.node:
-            for i, value in enumerate(consumer.input):
-                if value == node.output[0]:
-                    consumer.input[i] = name
-    # the Transpose nodes now feed nothing
-    needed = {value for node in proto.graph.node for value in node.input}
-    needed |= {value.name for value in proto.graph.output}
-    remaining = [n for n in proto.graph.node if n.op_type != "Transpose" or n.output[0] in needed]
-    del proto.graph.node[:]
-    proto.graph.node.extend(remaining)
 
 
 def export_transformer(
@@ -184,9 +132,7 @@ def export_transformer(
     timings: dict[str, float] = {}
     model = model.eval()
 
-    tmp = make_temp_folder(out)
-    previous_handler = signal.signal(signal.SIGTERM, _raise_on_sigterm)
-    try:
+    with bundle_folder(out) as tmp:
         # 1. trace the step API with torch.export, then lower it to ONNX
         with _stage("trace", timings):
             program = trace_decoder(model)
@@ -206,31 +152,10 @@ def export_transformer(
         onnx.save(proto, tmp / f"{GRAPH_NAME}.onnx")
         (tmp / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
         manifest = _manifest(model, proto, options, report, task=task, source=source)
-        files = {path.name: {"bytes": path.stat().st_size, "sha256": sha256_file(path)} for path in sorted(tmp.iterdir())}
-        manifest["files"] = files
-        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
 
-        # 4. run the bundle with onnxruntime against the PyTorch step API
-        with _stage("verify", timings):
-            verify = verify_transformer_bundle(model, tmp, quantized=options.quantize == "int8",
-                                               n_tokens=options.verify_tokens)
-        if not verify.passed:
-            raise ExportError(f"verification failed, no bundle written: {verify.summary()}")
-
-        # 5. move into place
-        with _stage("write", timings):
-            _move_into_place(tmp, out)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise ExportError(f"cannot write the bundle in {out.parent}: {exc.strerror or exc}; "
-                          "free some space or choose another --out") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        signal.signal(signal.SIGTERM, previous_handler)
-
-    total = sum(entry["bytes"] for entry in files.values()) + (out / MANIFEST_NAME).stat().st_size
+        # 4. verify against the PyTorch step API, then move into place
+        verify, total = finish_bundle(tmp, out, manifest, timings, lambda: verify_transformer_bundle(
+            model, tmp, quantized=options.quantize == "int8", n_tokens=options.verify_tokens))
     return ExportResult(bundle=out, bytes_total=total, stage_seconds=timings, verify=verify, quantization=report)
 
 

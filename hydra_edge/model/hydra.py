@@ -150,7 +150,7 @@ class Hydra(nn.Module):
         return {"head": head, "tail": tail, "all": head + tail}[part]
 
     def init_state(self, batch: int = 1) -> State:
-        """The state of a new stream: position 0 and all zeros.
+        """Allocate the state of a new stream: position 0 and all zeros.
 
         At position 0 the model substitutes its learned initial workspace slots
         and route; every other tensor must be zero there, as here.

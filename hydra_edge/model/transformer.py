@@ -80,7 +80,7 @@ class Transformer(nn.Module):
         return [f"layer{i}.{n}" for i in range(self.cfg.n_layer) for n in ("k_cache", "v_cache")]
 
     def init_state(self, batch: int = 1) -> dict[str, torch.Tensor]:
-        """An empty KV cache: it grows by T positions per step."""
+        """Allocate an empty KV cache, which grows by T positions per step."""
         state = {name: self._empty_cache(batch) for name in self.state_names()}
         state["pos"] = torch.zeros((), dtype=torch.long, device=self.embed.weight.device)
         return state

@@ -9,6 +9,11 @@ from typing import Any, Literal
 
 from ..errors import UsageError
 
+# Sizes past these bounds would make one CPU step take minutes and tens of GiB,
+# so they are far more likely typing mistakes than intended runs.
+MAX_SEQ_LEN = 16_384
+MAX_TOKENS_PER_STEP = 1 << 16
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -52,19 +57,26 @@ class TrainConfig:
             raise UsageError("the text task needs a text file: pass --data PATH")
         if self.task == "logic" and self.data is not None:
             raise UsageError("--data is only read by --task text; the logic task generates its own data")
-        positive = {"steps": self.steps, "batch_size": self.batch_size, "seq_len": self.seq_len,
-                    "eval_batches": self.eval_batches, "max_hops": self.max_hops}
+        # fields that are CLI options are named as options, the others as fields
+        positive = {"--steps": self.steps, "--batch-size": self.batch_size, "--seq-len": self.seq_len,
+                    "--eval-batches": self.eval_batches, "max_hops": self.max_hops}
         for name, value in positive.items():
             if value < 1:
                 raise UsageError(f"{name} must be at least 1, got {value}")
+        if self.seq_len > MAX_SEQ_LEN:
+            raise UsageError(f"--seq-len {self.seq_len:,} is more than {MAX_SEQ_LEN:,}; train on shorter sequences "
+                             "(the trained model still reads input of any length)")
+        if self.batch_size * self.seq_len > MAX_TOKENS_PER_STEP:
+            raise UsageError(f"--batch-size x --seq-len = {self.batch_size * self.seq_len:,} tokens per step is more "
+                             f"than {MAX_TOKENS_PER_STEP:,}; lower one of them")
         if not 0 < self.lr < math.inf:
-            raise UsageError(f"lr must be a positive number, got {self.lr}")
+            raise UsageError(f"--lr must be a positive number, got {self.lr}")
         if self.warmup < 0:
-            raise UsageError(f"warmup must be 0 or more steps, got {self.warmup}")
+            raise UsageError(f"--warmup must be 0 or more steps, got {self.warmup}")
         if not 0 < self.curriculum_threshold <= 1:
             raise UsageError(f"curriculum_threshold must be in (0, 1], got {self.curriculum_threshold}")
         if self.threads is not None and self.threads < 1:
-            raise UsageError(f"threads must be at least 1, got {self.threads}")
+            raise UsageError(f"--threads must be at least 1, got {self.threads}")
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

@@ -77,7 +77,7 @@ class TextTask:
         for name, ids in (("training", self.train_ids), ("held-out", self.eval_ids)):
             if len(ids) < seq_len + 1:
                 raise UsageError(
-                    f"the {name} part of {path} has {len(ids)} tokens, fewer than seq_len + 1 = {seq_len + 1}; "
+                    f"the {name} part of {path} has {len(ids)} tokens, fewer than --seq-len + 1 = {seq_len + 1}; "
                     "use a longer file or a smaller --seq-len"
                 )
         self.seq_len = seq_len
