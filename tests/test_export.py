@@ -136,6 +136,23 @@ def test_int8_bundle_stays_close_to_float(tiny_bundles):
     assert all(entry["why"] for entry in quant["kept_float"])
 
 
+def test_ssm_output_projection_is_int8_weight_only(tiny_bundles):
+    bundle = tiny_bundles["int8"].bundle
+    manifest = json.loads((bundle / "hydra.json").read_text())
+    methods = {q["name"]: q["method"] for q in manifest["quantization"]["quantized"]}
+    names = [f"blocks.{i}.ssm.out_proj.weight.T" for i in range(4)]
+    assert all(methods[n] == "int8 per channel, weight only: the product runs in float" for n in names)
+    for part in ("head", "tail"):
+        graph = onnx.load(bundle / f"{part}.onnx").graph
+        inits = {t.name: t for t in graph.initializer}
+        dequants = [n for n in graph.node if n.op_type == "DequantizeLinear" and "out_proj" in n.input[0]]
+        assert len(dequants) == 3 if part == "head" else 1
+        for node in dequants:
+            assert inits[node.input[0]].data_type == onnx.TensorProto.INT8
+            assert list(inits[node.input[1]].dims) == [64]  # one scale per output channel (d_model)
+        assert not any("ssm.out_proj.weight.T" == name for name in inits)  # no float copy left
+
+
 def test_existing_bundle_needs_force(tiny_bundles, tmp_path):
     out = tmp_path / "bundle"
     out.mkdir()
