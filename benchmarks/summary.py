@@ -20,6 +20,8 @@ SECTIONS = [
     ("runtime_speed", "Prefill, decode and peak memory of hydra-29m bundles (`benchmarks/runtime_speed.py`)"),
     ("memory_soak", "1,000,000-token soak of the hydra-29m int8 bundle (`benchmarks/memory_soak.py`)"),
     ("int8_quality", "int8 against float32 on trained models (`benchmarks/int8_quality.py`)"),
+    ("logic_by_hops", "Logic accuracy by hop count, Hydra against the transformer (`benchmarks/logic_by_hops.py`)"),
+    ("ablations", "Ablations: each component switched off on its own probe task (`benchmarks/ablations.py`)"),
 ]
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 

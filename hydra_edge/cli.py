@@ -8,6 +8,7 @@ traceback. Results go to stdout, logs and progress bars to stderr.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -18,9 +19,9 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .config import PRESETS, get_preset
+from .config import ABLATABLE, PRESETS, get_preset
 from .errors import HydraEdgeError, UsageError
-from .train.options import TrainConfig
+from .train.options import TASKS, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +85,11 @@ _DEFAULTS = TrainConfig()
 
 @main.command()
 @click.option("--preset", default="hydra-tiny", show_default=True, help=f"Model preset: {', '.join(PRESETS)}.")
-@click.option("--task", type=click.Choice(["logic", "text"]), default=_DEFAULTS.task, show_default=True,
-              help="logic: built-in implication chains; text: the file given by --data.")
+@click.option("--task", type=click.Choice(list(TASKS)), default=_DEFAULTS.task, show_default=True,
+              help="logic: built-in implication chains; text: the file given by --data; recall, domains and facts: "
+                   "the probes of SGA, MoE and PKM for ablation studies.")
+@click.option("--ablate", type=click.Choice(list(ABLATABLE)), multiple=True,
+              help="Switch a Hydra component off, for an ablation study (repeatable). Such a model cannot be exported.")
 @click.option("--data", default=None, help="UTF-8 text file for --task text; its last 10% is held out.")
 @click.option("--steps", type=int, default=_DEFAULTS.steps, show_default=True, help="Optimizer steps.")
 @click.option("--batch-size", type=int, default=_DEFAULTS.batch_size, show_default=True,
@@ -102,7 +106,7 @@ _DEFAULTS = TrainConfig()
               help="Torch threads per process  [default: the CPU cores divided by the processes on this machine]")
 @click.option("--out", default=_DEFAULTS.out, show_default=True, help="Checkpoint file to write.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar on stderr.")
-def train(preset: str, task: str, data: str | None, steps: int, batch_size: int, seq_len: int, lr: float,
+def train(preset: str, task: str, ablate: tuple[str, ...], data: str | None, steps: int, batch_size: int, seq_len: int, lr: float,
           warmup: int, seed: int, eval_batches: int, threads: int | None, out: str, progress: bool) -> None:
     """Train a fresh model on a task, evaluate it on held-out data and save a checkpoint.
 
@@ -113,6 +117,10 @@ def train(preset: str, task: str, data: str | None, steps: int, batch_size: int,
     from .train.loop import train as run_training
 
     model_cfg = get_preset(preset)
+    if ablate:
+        if model_cfg.kind != "hydra":
+            raise UsageError(f"--ablate switches off Hydra components; {preset} is a {model_cfg.kind}")
+        model_cfg = dataclasses.replace(model_cfg, ablate=ablate)
     cfg = TrainConfig(task=task, data=data, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr,
                       warmup=warmup, seed=seed, eval_batches=eval_batches, threads=threads, out=out,
                       progress=progress)
@@ -128,6 +136,8 @@ def train(preset: str, task: str, data: str | None, steps: int, batch_size: int,
         level = result.eval["curriculum_level"]
         click.echo(f"held-out accuracy by hop count (training curriculum at level {level} of {len(counts)}):")
         click.echo(format_table(["hops", "problems", "accuracy"], rows, left=0))
+    elif task != "text":
+        click.echo(f"held-out accuracy {result.eval['accuracy']:.3f} on {result.eval['answers']:,} answers")
     else:
         click.echo(f"held-out loss {result.eval['loss']:.4f} nats/token, perplexity "
                    f"{result.eval['perplexity']:.2f} ({result.eval['tokens']:,} tokens of the last 10% of {data})")

@@ -14,6 +14,9 @@ from .errors import UsageError
 
 ModelKind = Literal["hydra", "transformer"]
 
+# components an ablation study may switch off (see HydraConfig.ablate)
+ABLATABLE = ("sga", "moe", "workspace", "pkm")
+
 
 @dataclass(frozen=True)
 class HydraConfig:
@@ -69,6 +72,11 @@ class HydraConfig:
     gate_bias_ssm: float = 2.0
     gate_bias_aux: float = -3.0
 
+    # Components switched off for an ablation study: SGA and MoE paths are not
+    # built, the workspace and the PKM are skipped. Such a model trains and
+    # evaluates in PyTorch; export rejects it.
+    ablate: tuple[str, ...] = ()
+
     kind: ModelKind = field(default="hydra", init=False)
 
     def __post_init__(self) -> None:
@@ -96,6 +104,11 @@ class HydraConfig:
         for ok, rule in checks:
             if not ok:
                 raise UsageError(f"invalid config {self.name!r}: {rule}")
+        unknown = [c for c in self.ablate if c not in ABLATABLE]
+        if unknown:
+            raise UsageError(f"invalid config {self.name!r}: cannot ablate {', '.join(map(repr, unknown))}; "
+                             f"choose from {', '.join(ABLATABLE)}")
+        object.__setattr__(self, "ablate", tuple(sorted(set(self.ablate))))
 
     @property
     def d_inner(self) -> int:
@@ -119,10 +132,10 @@ class HydraConfig:
         return self.pkm_subkeys**2
 
     def has_sga(self, i: int) -> bool:
-        return (i + 1) % self.sga_every == 0
+        return "sga" not in self.ablate and (i + 1) % self.sga_every == 0
 
     def has_moe(self, i: int) -> bool:
-        return (i + 1) % self.moe_every == 0
+        return "moe" not in self.ablate and (i + 1) % self.moe_every == 0
 
 
 @dataclass(frozen=True)
@@ -194,7 +207,14 @@ def config_from_dict(data: dict[str, Any]) -> ModelConfig:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise UsageError(f"unknown {kind} config fields: {', '.join(unknown)}")
+    if "ablate" in data:
+        ablate = data["ablate"]
+        if not isinstance(ablate, (list, tuple)) or not all(isinstance(c, str) for c in ablate):
+            raise UsageError(f"{kind} config field ablate must be a list of component names, got {ablate!r}")
+        data["ablate"] = tuple(ablate)  # JSON stores the tuple as a list
     for name, value in data.items():
+        if name == "ablate":
+            continue
         expected = {"int": int, "float": (int, float), "str": str}.get(str(fields[name].type))
         if expected is not None and (isinstance(value, bool) or not isinstance(value, expected)):
             raise UsageError(f"{kind} config field {name} must be {fields[name].type}, got {value!r}")

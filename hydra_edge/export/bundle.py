@@ -246,6 +246,10 @@ def export_model(
 ) -> ExportResult:
     """Export ``model`` to the bundle folder ``out``; raise ExportError if the bundle fails verification."""
     out = Path(out).absolute()
+    if model.cfg.ablate:
+        # the runtime always adds the PKM read and has no switch for the other components
+        raise UsageError(f"the model has {', '.join(model.cfg.ablate)} switched off for an ablation study; "
+                         "only complete models can be exported")
     _prepare_destination(out, options.force)
     timings: dict[str, float] = {}
     model = model.eval()

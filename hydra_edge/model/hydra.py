@@ -124,9 +124,9 @@ class Hydra(nn.Module):
         for i, block in enumerate(self.blocks):
             x, block_aux = block(x)
             aux = aux + block_aux
-            if i == self.cfg.ws_after:
+            if i == self.cfg.ws_after and "workspace" not in self.cfg.ablate:
                 x = self.workspace(x)
-            if i == self.cfg.pkm_after:
+            if i == self.cfg.pkm_after and "pkm" not in self.cfg.ablate:
                 x = self.pkm(x)
         return self.logits(x), aux
 
@@ -170,6 +170,9 @@ class Hydra(nn.Module):
             new.update(block_state)
             if i == self.cfg.ws_after:
                 names = ["workspace.slots", "workspace.write_sum", "workspace.write_mass"]
+                if "workspace" in self.cfg.ablate:
+                    new.update((n, state[n]) for n in names)
+                    continue
                 x, *ws_state = self.workspace.step(x, pos, *(state[n] for n in names))
                 new.update(zip(names, ws_state))
         return x, new
@@ -196,6 +199,7 @@ class Hydra(nn.Module):
                 f"{self.cfg.chunk - offset} tokens so that it ends at or before the chunk boundary"
             )
         hidden, rows, weights, head_state = self.head(tokens, pos, state)
-        hidden = hidden + self.pkm.read(rows, weights, self.pkm.values)
+        if "pkm" not in self.cfg.ablate:
+            hidden = hidden + self.pkm.read(rows, weights, self.pkm.values)
         logits, tail_state = self.tail(hidden, pos, state)
         return logits, {**head_state, **tail_state, "pos": pos + t}

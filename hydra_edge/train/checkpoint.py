@@ -27,12 +27,12 @@ from torch import nn
 from ..config import ModelConfig, config_from_dict, config_to_dict
 from ..errors import CheckpointError, UsageError
 from ..model import build_model
+from .options import TASKS
 
 log = logging.getLogger(__name__)
 
 FORMAT = "hydra-edge-checkpoint"
 VERSION = 1
-TASKS = ("logic", "text")
 RETRAIN_HINT = "pass a checkpoint written by 'hydra-edge train'"
 
 

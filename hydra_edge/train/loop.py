@@ -30,11 +30,15 @@ from .checkpoint import check_output_path, save_checkpoint
 from .distributed import DistContext, default_threads, init_distributed, shutdown_distributed
 from .logic import IGNORE_INDEX, LogicTask
 from .options import TrainConfig
+from .probes import PROBE_TASKS, ProbeTask
 from .text import TextTask
 
 log = logging.getLogger(__name__)
 
-Task = LogicTask | TextTask
+Task = LogicTask | TextTask | ProbeTask
+
+# window of the recall probe for a model without one (the transformer attends to its whole context)
+DEFAULT_PROBE_WINDOW = 32
 
 
 @dataclass
@@ -70,6 +74,9 @@ def build_task(model_cfg: ModelConfig, cfg: TrainConfig, ctx: DistContext) -> Ta
             model_cfg.vocab_size, cfg.seq_len, max_hops=cfg.max_hops, n_distractors=cfg.n_distractors,
             seed=data_seed, curriculum=cfg.curriculum, curriculum_threshold=cfg.curriculum_threshold,
         )
+    if cfg.task in PROBE_TASKS:
+        window = getattr(model_cfg, "window", DEFAULT_PROBE_WINDOW)
+        return ProbeTask(cfg.task, model_cfg.vocab_size, cfg.seq_len, seed=data_seed, window=window)
     if not ctx.enabled:
         return TextTask(cfg.data, model_cfg.vocab_size, cfg.seq_len, seed=data_seed)
 

@@ -12,6 +12,8 @@ from ..errors import UsageError
 # Sizes past these bounds would make one CPU step take minutes and tens of GiB,
 # so they are far more likely typing mistakes than intended runs.
 MAX_SEQ_LEN = 16_384
+
+TASKS = ("logic", "text", "recall", "domains", "facts")
 MAX_TOKENS_PER_STEP = 1 << 16
 
 
@@ -20,7 +22,7 @@ class TrainConfig:
     """Options of one training run. The defaults train hydra-tiny on the logic task."""
 
     # task
-    task: Literal["logic", "text"] = "logic"
+    task: Literal["logic", "text", "recall", "domains", "facts"] = "logic"  # the last three are ablation probes
     data: str | None = None  # text file, required by the text task only
 
     # batches
@@ -51,12 +53,12 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.task not in ("logic", "text"):
-            raise UsageError(f"unknown task {self.task!r}; choose 'logic' or 'text'")
+        if self.task not in TASKS:
+            raise UsageError(f"unknown task {self.task!r}; choose one of: {', '.join(TASKS)}")
         if self.task == "text" and self.data is None:
             raise UsageError("the text task needs a text file: pass --data PATH")
-        if self.task == "logic" and self.data is not None:
-            raise UsageError("--data is only read by --task text; the logic task generates its own data")
+        if self.task != "text" and self.data is not None:
+            raise UsageError(f"--data is only read by --task text; the {self.task} task generates its own data")
         # fields that are CLI options are named as options, the others as fields
         positive = {"--steps": self.steps, "--batch-size": self.batch_size, "--seq-len": self.seq_len,
                     "--eval-batches": self.eval_batches, "max_hops": self.max_hops}
