@@ -26,7 +26,6 @@ through all hop counts, so each count gets the same number of problems.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import random
 from collections.abc import Iterator
@@ -44,27 +43,13 @@ EVAL_SEED_OFFSET = 1_000_003
 
 
 @dataclass(frozen=True)
-class Query:
-    """A query ``start->answer.``: the answer is the end of the chain from ``start``, ``hops`` premises on."""
-
-    start: str
-    answer: str
-    hops: int
-
-
-@dataclass(frozen=True)
 class Problem:
-    """One problem: its shuffled premises, the query's start letter and the answer.
-
-    Training problems may carry ``follow_ups``: more queries on the same
-    premises, asked after the first query's answer (see add_follow_up_queries).
-    """
+    """One problem: its shuffled premises, the query's start letter and the answer."""
 
     premises: tuple[tuple[str, str], ...]
     start: str
     answer: str
     hops: int
-    follow_ups: tuple[Query, ...] = ()
 
     @property
     def prompt(self) -> str:
@@ -72,15 +57,9 @@ class Problem:
         return "".join(f"{x}{ARROW}{y}{PERIOD}" for x, y in self.premises) + f"{self.start}{ARROW}"
 
     @property
-    def queries(self) -> tuple[Query, ...]:
-        """The first query, then the follow-ups in the order they are asked."""
-        return (Query(self.start, self.answer, self.hops), *self.follow_ups)
-
-    @property
     def text(self) -> str:
-        """The prompt followed by the answer and ``.``, then each follow-up query with its answer."""
-        follow_ups = "".join(f"{q.start}{ARROW}{q.answer}{PERIOD}" for q in self.follow_ups)
-        return f"{self.prompt}{self.answer}{PERIOD}{follow_ups}"
+        """The prompt followed by the answer and ``.``."""
+        return f"{self.prompt}{self.answer}{PERIOD}"
 
 
 def max_distractors(max_hops: int) -> int:
@@ -113,44 +92,6 @@ def make_problem(rng: random.Random, hops: int, n_distractors: int) -> Problem:
 
     rng.shuffle(premises)
     return Problem(premises=tuple(premises), start=chain[0], answer=chain[-1], hops=hops)
-
-
-def add_follow_up_queries(problem: Problem, rng: random.Random, *, count: int, max_hops: int) -> Problem:
-    """Return ``problem`` with up to ``count`` follow-up queries of at most ``max_hops`` hops.
-
-    Follow-ups start from letters that have a premise, other than the first
-    query's start, chosen at random without repeats. An answered query reads
-    like a premise that skips to the chain's end, so within a chain the
-    follow-ups go from its start towards its end: a skip then never lies on
-    the path of a later query, and each query's ``hops`` stays its true count.
-    """
-    successor = dict(problem.premises)
-    has_predecessor = set(successor.values())
-
-    # hops to the chain's end and the end itself, for every letter that has a premise
-    chain_of: dict[str, tuple[int, str]] = {}
-    for chain_start in successor.keys() - has_predecessor:
-        path = [chain_start]
-        while path[-1] in successor:
-            path.append(successor[path[-1]])
-        for distance, letter in enumerate(path[:-1]):
-            chain_of[letter] = (len(path) - 1 - distance, path[-1])
-
-    candidates = sorted(x for x, (hops, _) in chain_of.items() if hops <= max_hops and x != problem.start)
-    chosen = rng.sample(candidates, min(count, len(candidates)))
-
-    # keep the random slots, but fill each chain's slots from its start towards its end
-    slots_by_chain: dict[str, list[int]] = {}
-    for slot, letter in enumerate(chosen):
-        slots_by_chain.setdefault(chain_of[letter][1], []).append(slot)
-    ordered = list(chosen)
-    for end, slots in slots_by_chain.items():
-        letters = sorted((chosen[i] for i in slots), key=lambda x: -chain_of[x][0])
-        for slot, letter in zip(slots, letters):
-            ordered[slot] = letter
-
-    follow_ups = tuple(Query(x, chain_of[x][1], chain_of[x][0]) for x in ordered)
-    return dataclasses.replace(problem, follow_ups=follow_ups)
 
 
 def problem_length(hops: int, n_distractors: int) -> int:
@@ -190,7 +131,7 @@ class LogicTask:
 
     def __init__(
         self, vocab_size: int, seq_len: int, *, max_hops: int, n_distractors: int, seed: int,
-        curriculum: bool = True, curriculum_threshold: float = 0.5, follow_up_queries: int = 0,
+        curriculum: bool = True, curriculum_threshold: float = 0.5,
     ) -> None:
         if not 1 <= max_hops <= 8:
             raise UsageError(f"max_hops must be between 1 and 8, got {max_hops}")
@@ -212,7 +153,6 @@ class LogicTask:
         self.max_hops = max_hops
         self.n_distractors = n_distractors
         self.seed = seed
-        self.follow_up_queries = follow_up_queries
         self.rng = random.Random(seed)
         self.curriculum = HopCurriculum(max_hops, enabled=curriculum, threshold=curriculum_threshold)
         self.train_problems = self._training_problems()
@@ -221,19 +161,11 @@ class LogicTask:
 
     def problem_ids(self, problem: Problem) -> list[int]:
         """Token ids of ``problem.text`` followed by ``<eos>``, without calling the tokenizer."""
-        return self._problem_ids_and_hops(problem)[0]
-
-    def _problem_ids_and_hops(self, problem: Problem) -> tuple[list[int], list[int]]:
-        """Return the ids of ``problem_ids`` and, per id, the hop count of the answer there (0 where none)."""
         v = self.vocab
         ids: list[int] = []
         for x, y in problem.premises:
             ids += [v[x], v[ARROW], v[y], v[PERIOD]]
-        hops_at = [0] * len(ids)
-        for query in problem.queries:
-            ids += [v[query.start], v[ARROW], v[query.answer], v[PERIOD]]
-            hops_at += [0, 0, query.hops, 0]
-        return ids + [v[EOS]], hops_at + [0]
+        return ids + [v[problem.start], v[ARROW], v[problem.answer], v[PERIOD], v[EOS]]
 
     def _pack(self, problems: Iterator[Problem], pending: list[Problem]) -> tuple[list[int], list[int]]:
         """Fill seq_len + 1 tokens with problems and return the ids and, per position, the hop count
@@ -246,12 +178,14 @@ class LogicTask:
         hops_at: list[int] = []
         while True:
             problem = pending.pop() if pending else next(problems)
-            problem_ids, problem_hops = self._problem_ids_and_hops(problem)
+            problem_ids = self.problem_ids(problem)
             if len(ids) + len(problem_ids) > self.seq_len + 1:
                 pending.append(problem)
                 break
+            answer_pos = len(ids) + len(problem_ids) - 3  # before "." and "<eos>"
             ids += problem_ids
-            hops_at += problem_hops
+            hops_at += [0] * len(problem_ids)
+            hops_at[answer_pos] = problem.hops
         pad = self.seq_len + 1 - len(ids)
         return ids + [self.vocab[PAD]] * pad, hops_at + [0] * pad
 
@@ -269,13 +203,7 @@ class LogicTask:
 
     def _training_problems(self) -> Iterator[Problem]:
         while True:
-            problem = make_problem(self.rng, self.curriculum.draw(self.rng), self.n_distractors)
-            # each follow-up adds 4 tokens, and the problem must still fit one sequence
-            room = (self.seq_len + 1 - problem_length(problem.hops, self.n_distractors)) // 4
-            count = min(self.follow_up_queries, room)
-            if count > 0:
-                problem = add_follow_up_queries(problem, self.rng, count=count, max_hops=self.curriculum.level)
-            yield problem
+            yield make_problem(self.rng, self.curriculum.draw(self.rng), self.n_distractors)
 
     def _held_out_problems(self, rng: random.Random) -> Iterator[Problem]:
         for i in itertools.count():
