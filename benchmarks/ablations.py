@@ -29,9 +29,9 @@ from common import RESULTS, machine, markdown_table, write_results  # noqa: E402
 # component -> the probe task that needs it
 PROBES = {
     "sga": ("recall", "long-range recall: key/value pairs, then every key asked again"),
-    "moe": ("domains", "mixed domains: one of 8 fixed letter maps per sequence"),
+    "moe": ("domains", "mixed domains: one of 32 fixed letter maps per sequence"),
     "workspace": ("logic", "multi-step logic: implication chains of 1 to 8 hops"),
-    "pkm": ("facts", "fact recall: 2,048 fixed three-letter keys and their values"),
+    "pkm": ("facts", "fact recall: 8,192 fixed three-letter keys and their values"),
 }
 
 

@@ -42,6 +42,7 @@ def test_domains_sequence_follows_one_map():
         pairs = [text[i:i + 5] for i in range(0, 5 * 32, 5)]
         mapping = {p[0]: p[3] for p in pairs}
         assert all(mapping[p[0]] == p[3] for p in pairs)  # one map for the whole sequence
+        assert len({p[0] for p in pairs[:26]}) == 26  # every letter once per round
         maps = [dict(zip((task.tokenizer.id_to_token(i) for i in task.letters),
                          (task.tokenizer.id_to_token(i) for i in m))) for m in task.maps]
         assert sum(all(m[x] == y for x, y in mapping.items()) for m in maps) >= 1

@@ -8,9 +8,10 @@ All three use the character tokenizer of the logic task (letters ``A``..``Z``,
   every key asked again in shuffled order (``K->`` is answered with ``V``).
   The pairs and queries of one item span about ``window`` tokens, so exact
   recall works from SGA's window while the SSM must compress the pairs.
-- ``domains`` (for MoE): every sequence follows one of several fixed letter
-  maps, ``X->f(X).`` with random ``X``; which map is in force is only seen
-  from the pairs, so per-chunk routing can give each map its own experts.
+- ``domains`` (for MoE): every sequence follows one of 32 fixed letter maps,
+  ``X->f(X).`` with each letter asked once per round of 26 pairs, so the
+  answers come from the weights, not from copying. Which map is in force is
+  only seen from the pairs, so per-chunk routing can give maps their own experts.
 - ``facts`` (for PKM): a fixed table of three-letter keys and one-letter
   values, ``XYZ->V.``; the held-out evaluation asks the same facts in another
   order, because the probe measures what the weights memorised.
@@ -37,8 +38,8 @@ PROBE_TASKS = ("recall", "domains", "facts")
 # ``recall``: an item has window // RECALL_TOKENS_PER_PAIR_AND_QUERY pairs, clipped to these bounds
 RECALL_TOKENS_PER_PAIR_AND_QUERY = 8
 RECALL_MIN_PAIRS, RECALL_MAX_PAIRS = 2, 12
-DOMAINS = 8
-FACTS = 2048
+DOMAINS = 32
+FACTS = 8192
 FACT_KEY_LETTERS = 3
 
 # one item: its token ids and, per id, whether that id is an answer (a label)
@@ -100,12 +101,14 @@ class ProbeTask:
         return _join(parts)
 
     def _domains_item(self, rng: random.Random) -> Item:
-        # one map for the whole sequence: the item fills it
+        # One map for the whole sequence: the item fills it. Each round asks
+        # every letter once, so no pair can be copied from earlier in the
+        # sequence until a round of 26 pairs has passed.
         mapping = self.maps[rng.randrange(DOMAINS)]
         parts = []
-        for _ in range((self.seq_len + 1) // 4 + 1):
-            x = rng.randrange(len(self.letters))
-            parts.append(self._pair([self.letters[x]], mapping[x], True))
+        while 4 * len(parts) < self.seq_len + 1:
+            for x in rng.sample(range(len(self.letters)), len(self.letters)):
+                parts.append(self._pair([self.letters[x]], mapping[x], True))
         return _join(parts)
 
     def _facts_item(self, rng: random.Random) -> Item:
