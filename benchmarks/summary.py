@@ -21,6 +21,8 @@ SECTIONS = [
     ("memory_soak", "1,000,000-token soak of the hydra-29m int8 bundle (`benchmarks/memory_soak.py`)"),
     ("int8_quality", "int8 against float32 on trained models (`benchmarks/int8_quality.py`)"),
     ("logic_by_hops", "Logic accuracy by hop count, Hydra against the transformer (`benchmarks/logic_by_hops.py`)"),
+    ("logic_by_hops_lr1e-3", "The same at learning rate 1e-3 (`benchmarks/logic_by_hops.py --lr 1e-3 --name "
+                             "logic_by_hops_lr1e-3`)"),
     ("ablations", "Ablations: each component switched off on its own probe task (`benchmarks/ablations.py`)"),
 ]
 START, END = "<!-- results:start -->", "<!-- results:end -->"
