@@ -153,6 +153,23 @@ def test_ssm_output_projection_is_int8_weight_only(tiny_bundles):
         assert not any("ssm.out_proj.weight.T" == name for name in inits)  # no float copy left
 
 
+def test_int8_top1_ignores_near_ties_of_the_float_model():
+    from hydra_edge.export.verify import int8_checks
+
+    want = np.array([[2.0, 0.0, 0.0],    # decided: margin 2 nats
+                     [1.0, 0.9, 0.0],    # near-tie: margin 0.1 nats
+                     [0.0, 3.0, 1.0]])   # decided
+    got = np.array([[2.0, 0.1, 0.0],     # agrees
+                    [0.9, 1.0, 0.0],     # flips the near-tie: not counted
+                    [0.0, 1.0, 3.0]])    # flips a decided position: counted
+    checks = {c.name: c.value for c in int8_checks(got, want)}
+    assert checks["top-1 agreement vs float"] == 0.5
+    # with no decided position at all, every position counts
+    flat = np.array([[1.0, 0.9], [0.5, 0.6]])
+    checks = {c.name: c.value for c in int8_checks(flat[:, ::-1].copy(), flat)}
+    assert checks["top-1 agreement vs float"] == 0.0
+
+
 def test_existing_bundle_needs_force(tiny_bundles, tmp_path):
     out = tmp_path / "bundle"
     out.mkdir()

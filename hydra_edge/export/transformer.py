@@ -44,7 +44,7 @@ from .bundle import (
     finish_bundle,
 )
 from .graphs import NEW_PREFIX, program_to_onnx
-from .verify import FLOAT_TOLERANCE, INT8_MAX_RELATIVE_RMS, INT8_MIN_TOP1, Check, VerifyReport
+from .verify import FLOAT_TOLERANCE, Check, VerifyReport, int8_checks
 
 log = logging.getLogger(__name__)
 
@@ -245,11 +245,7 @@ def verify_transformer_bundle(model: Transformer, bundle: Path, *, quantized: bo
 
     got_all, want_all = np.concatenate(got), np.concatenate(want)
     if quantized:
-        centred = want_all - want_all.mean(-1, keepdims=True)
-        relative_rms = float(np.sqrt(np.mean((got_all - want_all) ** 2)) / (np.sqrt(np.mean(centred**2)) + 1e-12))
-        top1 = float(np.mean(got_all.argmax(-1) == want_all.argmax(-1)))
-        report.checks.append(Check("logits relative RMS error vs float", relative_rms, INT8_MAX_RELATIVE_RMS))
-        report.checks.append(Check("top-1 agreement vs float", top1, INT8_MIN_TOP1, higher_is_better=True))
+        report.checks += int8_checks(got_all, want_all)
     else:
         report.checks.append(Check("logits max abs diff", float(np.abs(got_all - want_all).max()), FLOAT_TOLERANCE))
         for name, diff in worst_cache.items():

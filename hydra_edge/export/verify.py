@@ -23,6 +23,12 @@ FLOAT_TOLERANCE = 1e-3
 # int8 is compared with the float model by shape of the distribution, not per value
 INT8_MAX_RELATIVE_RMS = 0.25
 INT8_MIN_TOP1 = 0.80
+# Top-1 agreement counts the positions where the float model prefers its top
+# token by at least this many nats over the runner-up. Verification feeds
+# random tokens, and a trained model often spreads its prediction evenly over
+# such input (a logic model over the 26 letters), so a near-tie there flips
+# under any rounding without saying anything about the bundle.
+TOP1_MIN_MARGIN = 0.5
 
 
 def largest_prime_below(n: int) -> int:
@@ -124,13 +130,30 @@ def verify_bundle(model: Hydra, bundle: Path, *, quantized: bool, n_tokens: int 
 
     got_all, want_all = np.concatenate(got), np.concatenate(want)
     if quantized:
-        centred = want_all - want_all.mean(-1, keepdims=True)
-        rel = float(np.sqrt(np.mean((got_all - want_all) ** 2)) / (np.sqrt(np.mean(centred**2)) + 1e-12))
-        top1 = float(np.mean(got_all.argmax(-1) == want_all.argmax(-1)))
-        report.checks.append(Check("logits relative RMS error vs float", rel, INT8_MAX_RELATIVE_RMS))
-        report.checks.append(Check("top-1 agreement vs float", top1, INT8_MIN_TOP1, higher_is_better=True))
+        report.checks += int8_checks(got_all, want_all)
     else:
         report.checks.append(Check("logits max abs diff", float(np.abs(got_all - want_all).max()), FLOAT_TOLERANCE))
         for name, d in worst_state.items():
             report.checks.append(Check(f"{name} max abs diff", d, FLOAT_TOLERANCE))
     return report
+
+
+def int8_checks(got: np.ndarray, want: np.ndarray) -> list[Check]:
+    """Compare int8 logits ``got`` with float logits ``want``, both (N, V): relative RMS error and top-1 agreement.
+
+    Top-1 agreement is over the positions where the float model is decided
+    (see TOP1_MIN_MARGIN), or over all positions when there are none, as with
+    a random-weight model whose logits are all close together.
+    """
+    centred = want - want.mean(-1, keepdims=True)
+    relative_rms = float(np.sqrt(np.mean((got - want) ** 2)) / (np.sqrt(np.mean(centred**2)) + 1e-12))
+
+    top2 = np.sort(want, axis=-1)[:, -2:]
+    decided = top2[:, 1] - top2[:, 0] >= TOP1_MIN_MARGIN
+    if not decided.any():
+        decided[:] = True
+    top1 = float(np.mean(got[decided].argmax(-1) == want[decided].argmax(-1)))
+    return [
+        Check("logits relative RMS error vs float", relative_rms, INT8_MAX_RELATIVE_RMS),
+        Check("top-1 agreement vs float", top1, INT8_MIN_TOP1, higher_is_better=True),
+    ]
