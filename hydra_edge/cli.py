@@ -186,11 +186,12 @@ def _default_bundle_dir(checkpoint: Path, quantize: str, moe: str) -> Path:
               help="gather: route per chunk among all experts; pinned: keep only the experts --calib text uses.")
 @click.option("--calib", type=click.Path(path_type=Path), default=None,
               help="UTF-8 text used by --moe pinned to choose experts and measure the quality change.")
-@click.option("--pin-mass", type=float, default=0.9, show_default=True,
-              help="With --moe pinned, keep per block the experts carrying this share of the routing mass.")
+@click.option("--pin-mass", type=float, default=None,
+              help="With --moe pinned, keep per block the experts carrying this share of the routing mass  "
+                   "[default: 0.9]")
 @click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset of the graphs (18 to 21).")
 @click.option("--force", is_flag=True, help="Replace an existing bundle folder (only after the new one verified).")
-def export(checkpoint: Path, out: Path | None, quantize: str, moe: str, calib: Path | None, pin_mass: float,
+def export(checkpoint: Path, out: Path | None, quantize: str, moe: str, calib: Path | None, pin_mass: float | None,
            opset: int, force: bool) -> None:
     """Export a checkpoint to a bundle that onnxruntime runs without torch.
 
@@ -200,7 +201,10 @@ def export(checkpoint: Path, out: Path | None, quantize: str, moe: str, calib: P
     from .export.bundle import ExportOptions, export_model
     from .train.checkpoint import load_checkpoint
 
-    options = ExportOptions(quantize=quantize, moe=moe, calib=calib, pin_mass=pin_mass, opset=opset, force=force)
+    if pin_mass is not None and moe != "pinned":
+        raise UsageError("--pin-mass is only read by --moe pinned; add --moe pinned or drop --pin-mass")
+    pinning = {} if pin_mass is None else {"pin_mass": pin_mass}
+    options = ExportOptions(quantize=quantize, moe=moe, calib=calib, opset=opset, force=force, **pinning)
     model, cfg, tokenizer, meta = load_checkpoint(checkpoint)
     out = out or _default_bundle_dir(checkpoint, quantize, moe)
     if cfg.kind == "transformer":
@@ -278,8 +282,10 @@ def run(bundle: Path, prompt: str | None, file_: Path | None, max_new_tokens: in
         raise UsageError("--prompt is empty; give some text to continue")
     if file_ is not None and not file_.is_file():
         raise UsageError(f"--file {file_} is {'a folder' if file_.is_dir() else 'not found'}; give a UTF-8 text file")
-    if save_state is not None and (save_state.is_dir() or not save_state.absolute().parent.is_dir()):
-        raise UsageError(f"--save-state {save_state} is a folder or its folder does not exist; give a file path")
+    if save_state is not None and save_state.is_dir():
+        raise UsageError(f"--save-state {save_state} is a folder; give a file path")
+    if save_state is not None and not save_state.absolute().parent.is_dir():
+        raise UsageError(f"folder {save_state.absolute().parent} of --save-state does not exist; create it first")
     session = _open_session(bundle, threads, skip_hash_check)
     from .runtime.text import load_tokenizer
 
@@ -388,7 +394,7 @@ def profile(bundle: Path, baseline: Path | None, lengths: str, threads: int, dec
         if path is not None and path.is_dir():
             raise UsageError(f"{path} is a folder; pass a file name for the output")
     if plot is not None:
-        check_plot_available()
+        check_plot_available(plot)
     memory_limit = memory_limit or default_memory_limit_mib()
     bundles = [bundle] + ([baseline] if baseline is not None else [])
 

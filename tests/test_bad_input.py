@@ -78,7 +78,9 @@ def test_run_file_that_is_missing_or_a_folder(tiny_bundles, tmp_path):
     folder = cli("run", tiny_bundles["int8"].bundle, "--file", tmp_path)
     assert_one_error_line(folder, 2, f"--file {tmp_path} is a folder")
     state = cli("run", tiny_bundles["int8"].bundle, "--prompt", "x", "--save-state", tmp_path)
-    assert_one_error_line(state, 2, "is a folder or its folder does not exist")
+    assert_one_error_line(state, 2, f"--save-state {tmp_path} is a folder; give a file path")
+    missing = cli("run", tiny_bundles["int8"].bundle, "--prompt", "x", "--save-state", tmp_path / "no" / "s.npz")
+    assert_one_error_line(missing, 2, f"folder {tmp_path / 'no'} of --save-state does not exist; create it first")
 
 
 def test_run_needs_exactly_one_input(tiny_bundles, tmp_path):
@@ -179,10 +181,12 @@ def checkpoint(tmp_path_factory):
     [
         (["--opset", "0"], 2, "--opset must be between 18 and 21, got 0"),
         (["--opset", "999"], 2, "--opset must be between 18 and 21, got 999"),
-        (["--pin-mass", "0", "--moe", "pinned", "--calib", "x"], 2, "pin mass must be in (0, 1], got 0.0"),
-        (["--pin-mass", "7", "--moe", "pinned", "--calib", "x"], 2, "pin mass must be in (0, 1], got 7.0"),
+        (["--pin-mass", "0", "--moe", "pinned", "--calib", "x"], 2, "--pin-mass must be in (0, 1], got 0.0"),
+        (["--pin-mass", "7", "--moe", "pinned", "--calib", "x"], 2, "--pin-mass must be in (0, 1], got 7.0"),
         (["--quantize", "int4"], 2, "Invalid value for '--quantize'"),
         (["--moe", "random"], 2, "Invalid value for '--moe'"),
+        (["--calib", "x"], 2, "--calib is only read by --moe pinned; add --moe pinned or drop --calib"),
+        (["--pin-mass", "0.5"], 2, "--pin-mass is only read by --moe pinned; add --moe pinned or drop --pin-mass"),
     ],
 )
 def test_export_rejects_invalid_options(checkpoint, tmp_path, args, code, words):
@@ -201,7 +205,7 @@ def test_export_checkpoint_paths(tmp_path):
 
 def test_export_into_a_missing_or_read_only_parent(checkpoint, tmp_path):
     result = cli("export", checkpoint, "--out", tmp_path / "no" / "such" / "bundle")
-    assert_one_error_line(result, 2, "does not exist")
+    assert_one_error_line(result, 2, f"folder {tmp_path / 'no' / 'such'} of --out does not exist; create it")
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o500)

@@ -59,10 +59,11 @@ def test_export_with_force_never_replaces_a_regular_file(logic_export):
     checkpoint, _ = logic_export
     target = checkpoint.with_name("notes.txt")
     target.write_text("keep me\n")
-    result = cli("export", checkpoint, "--out", target, "--force")
-    assert result.exit_code == 2
-    assert f"error: {target} exists and is not a folder; choose another --out" in result.output
-    assert target.read_text() == "keep me\n"
+    for force in ([], ["--force"]):
+        result = cli("export", checkpoint, "--out", target, *force)
+        assert result.exit_code == 2
+        assert f"error: {target} exists and is not a folder; choose another --out" in result.output
+        assert target.read_text() == "keep me\n"
 
 
 def test_export_of_a_file_that_is_not_a_checkpoint(tmp_path):

@@ -185,7 +185,7 @@ def test_held_out_set_is_fixed():
 
 
 def test_seq_len_too_short_raises():
-    with pytest.raises(UsageError, match=r"--seq-len 40 is too short .* takes 53 tokens; use --seq-len 52"):
+    with pytest.raises(UsageError, match=r"--seq-len 40 is too short .* takes 53 tokens and a sequence holds --seq-len \+ 1 tokens; use --seq-len 52"):
         LogicTask(512, 40, max_hops=8, n_distractors=4, seed=0)
 
 

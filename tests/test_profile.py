@@ -200,6 +200,14 @@ def test_plot_without_matplotlib_fails_early(transformer_bundle, tmp_path):
     assert "measuring" not in result.stderr
 
 
+def test_plot_that_is_not_a_png_fails_early(transformer_bundle, tmp_path):
+    result = CliRunner().invoke(main, ["profile", str(transformer_bundle), "--lengths", "64", "--plot",
+                                       str(tmp_path / "p.txt")])
+    assert result.exit_code == 2
+    assert f"error: --plot {tmp_path / 'p.txt'} must name a .png file" in result.output
+    assert "prefill" not in result.output  # nothing was measured
+
+
 def test_profile_of_a_missing_bundle(tmp_path):
     result = CliRunner().invoke(main, ["profile", str(tmp_path / "nowhere"), "--lengths", "64"])
     assert result.exit_code == 1

@@ -1,6 +1,7 @@
 """Training runs on tiny presets: falling loss, checkpoint round trips, the text task and bad options."""
 
 import math
+import os
 import random
 import re
 from pathlib import Path
@@ -251,6 +252,16 @@ def test_cli_train_bad_option_one_line(tmp_path, monkeypatch, args, message):
     assert result.stderr.count("\n") == 1
     assert "Traceback" not in result.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_caps_threads_at_the_cores(tmp_path, caplog):
+    out = tmp_path / "m.pt"
+    result = CliRunner().invoke(main, ["train", "--steps", "1", "--batch-size", "2", "--threads", "100000",
+                                       "--eval-batches", "1", "--no-progress", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert out.is_file()
+    cores = os.cpu_count()
+    assert f"--threads 100000 is more than the {cores} CPU cores; using {cores}" in caplog.text
 
 
 def test_cli_binary_data_one_line(tmp_path):

@@ -46,7 +46,7 @@ class ExportOptions:
 
     quantize: Literal["int8", "none"] = "int8"
     moe: Literal["gather", "pinned"] = "gather"
-    calib: Path | None = None  # text for --moe pinned and the int8 check; random tokens when absent
+    calib: Path | None = None  # calibration text of --moe pinned
     pin_mass: float = 0.9  # pinned mode keeps, per MoE block, the experts carrying this share of routing mass
     opset: int = 18
     force: bool = False
@@ -59,10 +59,12 @@ class ExportOptions:
             raise UsageError(f"--moe must be 'gather' or 'pinned', got {self.moe!r}")
         if self.moe == "pinned" and self.calib is None:
             raise UsageError("--moe pinned needs --calib TEXT_FILE to measure which experts the text uses")
+        if self.moe != "pinned" and self.calib is not None:
+            raise UsageError("--calib is only read by --moe pinned; add --moe pinned or drop --calib")
         if self.opset not in SUPPORTED_OPSETS:
             raise UsageError(f"--opset must be between {SUPPORTED_OPSETS.start} and {SUPPORTED_OPSETS.stop - 1}, got {self.opset}")
         if not 0.0 < self.pin_mass <= 1.0:
-            raise UsageError(f"pin mass must be in (0, 1], got {self.pin_mass}")
+            raise UsageError(f"--pin-mass must be in (0, 1], got {self.pin_mass}")
         if self.verify_tokens < 1:
             raise UsageError(f"verify tokens must be at least 1, got {self.verify_tokens}")
 
@@ -118,13 +120,14 @@ def _check_graph(proto: onnx.ModelProto, part: str) -> None:
 
 
 def _prepare_destination(out: Path, force: bool) -> None:
-    if out.exists() and not force:
-        raise UsageError(f"{out} already exists; pass --force to replace it or choose another --out")
+    # --force replaces bundle folders only, never a file
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out} exists and is not a folder; choose another --out")
+    if out.exists() and not force:
+        raise UsageError(f"{out} already exists; pass --force to replace it or choose another --out")
     parent = out.parent
     if not parent.is_dir():
-        raise UsageError(f"output folder's parent {parent} does not exist")
+        raise UsageError(f"folder {parent} of --out does not exist; create it or choose another --out")
     if not os.access(parent, os.W_OK):
         raise UsageError(f"cannot write to {parent}; choose another --out")
 

@@ -16,8 +16,10 @@ COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red")
 STATUS_LABELS = {"timeout": "timeout", "out of memory bound": "over memory bound", "failed": "failed"}
 
 
-def check_plot_available() -> None:
-    """Raise UsageError unless matplotlib can be imported."""
+def check_plot_available(path: Path | None = None) -> None:
+    """Raise UsageError unless matplotlib can be imported and ``path``, if given, names a PNG file."""
+    if path is not None and path.suffix.lower() != ".png":
+        raise UsageError(f"--plot {path} must name a .png file")
     try:
         import matplotlib  # noqa: F401
     except ImportError:

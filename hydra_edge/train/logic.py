@@ -144,7 +144,8 @@ class LogicTask:
         if seq_len + 1 < longest:
             raise UsageError(
                 f"--seq-len {seq_len} is too short for the logic task: a {max_hops}-hop problem "
-                f"with {n_distractors} distractors takes {longest} tokens; use --seq-len {longest - 1} or more"
+                f"with {n_distractors} distractors takes {longest} tokens and a sequence holds --seq-len + 1 tokens; "
+                f"use --seq-len {longest - 1} or more"
             )
         self.tokenizer = build_logic_tokenizer()
         check_vocab_fits(self.tokenizer, vocab_size)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -144,7 +145,12 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig) -> TrainResult:
 def _train(model_cfg: ModelConfig, cfg: TrainConfig, ctx: DistContext) -> TrainResult:
     # 1. checks and set-up that can fail on user input, before any long work
     check_output_path(cfg.out)
-    torch.set_num_threads(cfg.threads or default_threads(ctx))
+    threads = cfg.threads or default_threads(ctx)
+    if threads > (os.cpu_count() or 1):
+        # thousands of threads can crash torch's thread pool; more threads than cores never help
+        log.warning("--threads %d is more than the %d CPU cores; using %d", threads, os.cpu_count(), os.cpu_count())
+        threads = os.cpu_count() or 1
+    torch.set_num_threads(threads)
     started = time.perf_counter()
     task = build_task(model_cfg, cfg, ctx)
     log.info("prepared the %s task in %.1f s", cfg.task, time.perf_counter() - started)
