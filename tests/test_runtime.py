@@ -130,6 +130,22 @@ def test_private_memory_stays_flat_over_100k_tokens(tiny_bundles, sizes, limit_m
     assert growth_mib <= limit_mib
 
 
+def test_weight_only_int8_runs_as_a_float_matmul(tiny_bundles, tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    from hydra_edge.runtime.session import session_options
+
+    opts = session_options(1)
+    opts.optimized_model_filepath = str(tmp_path / "head-optimized.onnx")
+    ort.InferenceSession(str(tiny_bundles["int8"].bundle / "head.onnx"), opts, providers=["CPUExecutionProvider"])
+    ops = {node.op_type for node in onnx.load(tmp_path / "head-optimized.onnx").graph.node}
+    # the dequantization is folded at load, so no CPU-specific int8 kernel replaces the float product
+    assert "MatMulNBits" not in ops
+    assert "DequantizeLinear" not in ops
+    assert "DynamicQuantizeMatMul" in ops  # the other weights keep quantize_dynamic's kernels
+
+
 def test_long_prompt_is_fed_in_chunks(tiny_bundles):
     session = HydraSession(tiny_bundles["int8"].bundle)
     prompt = list(np.random.default_rng(5).integers(0, 512, 5 * session.chunk + 3))

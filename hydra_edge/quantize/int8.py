@@ -115,7 +115,9 @@ def quantize_weight_only(model: onnx.ModelProto) -> QuantizationReport:
 
     The weight of ``MatMul(x, W)`` with W (in, out) becomes
     ``DequantizeLinear(W_int8, scale, axis=1)``, so the product runs in float
-    on an int8-rounded weight while the file stores one byte per value.
+    on an int8-rounded weight while the file stores one byte per value. The
+    runtime's session options make onnxruntime fold the dequantization into a
+    float weight at load.
     """
     report = QuantizationReport()
     inits = _initializers(model)

@@ -38,6 +38,10 @@ def session_options(threads: int) -> ort.SessionOptions:
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Without this, onnxruntime 1.32 fuses a weight stored int8 before a float MatMul
+    # (quantize.int8.WEIGHT_ONLY) into MatMulNBits, which quantizes the activations to int8
+    # on x86-64 but not on aarch64. With it, the weight is dequantized once at load.
+    opts.add_session_config_entry("session.disable_quant_qdq", "1")
     return opts
 
 
