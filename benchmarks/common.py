@@ -46,8 +46,8 @@ def machine() -> dict:
 def random_bundle(preset: str, quantize: str, folder: Path, seed: int = 0) -> Path:
     """Export a Hydra preset with seeded random weights (as llama.cpp benchmarks random models).
 
-    NOTE: a bundle already in ``folder`` is reused as it is, even when it was
-    written by an older exporter; delete the folder after changing export code.
+    NOTE: a bundle already in ``folder`` is reused as it is, even when an older
+    exporter wrote it. Delete the folder after changing export code.
     """
     import torch
 

@@ -106,8 +106,9 @@ _DEFAULTS = TrainConfig()
               help="Torch threads per process  [default: the CPU cores divided by the processes on this machine]")
 @click.option("--out", default=_DEFAULTS.out, show_default=True, help="Checkpoint file to write.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar on stderr.")
-def train(preset: str, task: str, ablate: tuple[str, ...], data: str | None, steps: int, batch_size: int, seq_len: int, lr: float,
-          warmup: int, seed: int, eval_batches: int, threads: int | None, out: str, progress: bool) -> None:
+def train(preset: str, task: str, ablate: tuple[str, ...], data: str | None, steps: int, batch_size: int,
+          seq_len: int, lr: float, warmup: int, seed: int, eval_batches: int, threads: int | None, out: str,
+          progress: bool) -> None:
     """Train a fresh model on a task, evaluate it on held-out data and save a checkpoint.
 
     Under torchrun (e.g. torchrun --nproc_per_node 2 -m hydra_edge.cli train ...)

@@ -30,7 +30,7 @@ SELECTION_WEIGHTS = ("router", "subkeys", "default_logits", "pkm.query")
 # MatMul). The input of the SSM output projection, the gated and normalised SSM
 # output, has outlier channels. With int8 over that whole activation tensor,
 # a trained hydra-tiny text model changed its top-1 token on 2.0% of WikiText-2
-# tokens, and on 1.6% with this weight kept in float (benchmarks/int8_quality.py).
+# tokens, and on 1.6% with this weight only (benchmarks/int8_quality.py).
 WEIGHT_ONLY = ("ssm.out_proj",)
 # Smaller weights stay float: their int8 saving is below the cost of the
 # extra quantize and dequantize nodes.

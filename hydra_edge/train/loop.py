@@ -146,10 +146,11 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, ctx: DistContext) -> TrainR
     # 1. checks and set-up that can fail on user input, before any long work
     check_output_path(cfg.out)
     threads = cfg.threads or default_threads(ctx)
-    if threads > (os.cpu_count() or 1):
-        # thousands of threads can crash torch's thread pool; more threads than cores never help
-        log.warning("--threads %d is more than the %d CPU cores; using %d", threads, os.cpu_count(), os.cpu_count())
-        threads = os.cpu_count() or 1
+    cores = os.cpu_count() or 1
+    if threads > cores:
+        # 100,000 threads crashed torch's thread pool with a segfault, and more threads than cores do not help
+        log.warning("--threads %d is more than the %d CPU cores; using %d", threads, cores, cores)
+        threads = cores
     torch.set_num_threads(threads)
     started = time.perf_counter()
     task = build_task(model_cfg, cfg, ctx)

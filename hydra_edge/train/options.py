@@ -9,11 +9,11 @@ from typing import Any, Literal
 
 from ..errors import UsageError
 
+TASKS = ("logic", "text", "recall", "domains", "facts")
+
 # Sizes past these bounds would make one CPU step take minutes and tens of GiB,
 # so they are far more likely typing mistakes than intended runs.
 MAX_SEQ_LEN = 16_384
-
-TASKS = ("logic", "text", "recall", "domains", "facts")
 MAX_TOKENS_PER_STEP = 1 << 16
 
 
