@@ -175,6 +175,43 @@ def test_held_out_hops_are_balanced():
     assert result["accuracy"] == 0.0
 
 
+class ChainOracle(nn.Module):
+    """A stand-in model that solves every problem posed alone from position 0.
+
+    It reads the premises of each row up to the query, follows the chain and
+    puts its one high logit on the chain's end at the query's arrow only, so
+    an evaluation that reads any other position, or a row that contains more
+    than one problem, scores below 1.
+    """
+
+    def __init__(self, task: LogicTask) -> None:
+        super().__init__()
+        self.task = task
+
+    def forward(self, inputs):
+        logits = torch.zeros(*inputs.shape, 512)
+        inverse = {i: t for t, i in self.task.vocab.items()}
+        for row, ids in enumerate(inputs.tolist()):
+            tokens = [inverse[i] for i in ids]
+            premises = []
+            pos = 0
+            while tokens[pos + 3] == ".":  # "X -> Y ." until the query "S -> answer ." "<eos>"
+                if tokens[pos + 4] == "<eos>":
+                    break
+                premises.append((tokens[pos], tokens[pos + 2]))
+                pos += 4
+            logits[row, pos + 1, self.task.vocab[chain_end(premises, tokens[pos])]] = 1.0
+        return logits, torch.zeros(())
+
+
+def test_evaluation_poses_each_problem_alone():
+    task = LogicTask(512, 128, max_hops=8, n_distractors=4, seed=0)
+    result = task.evaluate(ChainOracle(task), batches=2, batch_size=8)
+    assert result["accuracy"] == 1.0
+    # 8 training rows of 129 tokens make room for 16 rows of the longest problem (53 tokens)
+    assert result["problems_by_hops"] == {k: 4 for k in range(1, 9)}
+
+
 def test_held_out_set_is_fixed():
     a = LogicTask(512, 128, max_hops=8, n_distractors=4, seed=0)
     b = LogicTask(512, 128, max_hops=8, n_distractors=4, seed=0)

@@ -21,7 +21,11 @@ running training accuracy on problems of ``level`` hops reaches a threshold.
 A tiny model first learns to look up one premise, and only then to chain
 lookups. Without the curriculum, hop counts are uniform over 1..max_hops.
 The held-out evaluation draws problems from a separate seed and cycles
-through all hop counts, so each count gets the same number of problems.
+through all hop counts, so each count gets the same number of problems. It
+poses each problem alone, from a fresh state, as a runtime prompt is posed:
+in a packed sequence the answer would also depend on the problems before it,
+and those differ between training (short chains early in the curriculum) and
+evaluation (all hop counts).
 """
 
 from __future__ import annotations
@@ -230,21 +234,32 @@ class LogicTask:
     def evaluate(self, model: nn.Module, *, batches: int, batch_size: int) -> dict:
         """Measure held-out accuracy by hop count: the argmax over the whole vocabulary at each answer.
 
+        Each row contains one problem from position 0, padded after its end. A
+        batch has as many rows as fit into the tokens of ``batch_size`` training
+        sequences, so evaluation reads about as many tokens as training does per step.
+
         Returns {"accuracy_by_hops": {k: accuracy}, "problems_by_hops": {k: count},
         "accuracy": overall accuracy, "curriculum_level": the most hops trained on}.
         """
         problems = self._held_out_problems(random.Random(self.seed + EVAL_SEED_OFFSET))
-        pending: list[Problem] = []
+        longest = problem_length(self.max_hops, self.n_distractors)
+        rows = batch_size * max(1, (self.seq_len + 1) // longest)
         correct = torch.zeros(self.max_hops + 1, dtype=torch.long)
         total = torch.zeros(self.max_hops + 1, dtype=torch.long)
         was_training = model.training
         model.eval()
         for _ in range(batches):
-            inputs, labels, hops = self._batch(problems, pending, batch_size)
+            batch = [next(problems) for _ in range(rows)]
+            ids = [self.problem_ids(p) for p in batch]
+            inputs = torch.tensor([x + [self.vocab[PAD]] * (longest - len(x)) for x in ids])  # (rows, longest)
+            # the answer follows the query's arrow, the 4th token from the end (answer, ".", "<eos>" after it)
+            arrow = torch.tensor([len(x) - 4 for x in ids])
+            answers = torch.tensor([x[-3] for x in ids])
+            hops = torch.tensor([p.hops for p in batch])
             logits, _ = model(inputs)
-            hit = (logits.argmax(-1) == labels) & (hops > 0)
-            correct += torch.bincount(hops[hit], minlength=self.max_hops + 1)
-            total += torch.bincount(hops[hops > 0], minlength=self.max_hops + 1)
+            predicted = logits[torch.arange(rows), arrow].argmax(-1)  # (rows,)
+            correct += torch.bincount(hops[predicted == answers], minlength=self.max_hops + 1)
+            total += torch.bincount(hops, minlength=self.max_hops + 1)
         model.train(was_training)
         ks = range(1, self.max_hops + 1)
         return {
