@@ -24,6 +24,8 @@ SECTIONS = [
     ("logic_by_hops_lr1e-3", "The same at learning rate 1e-3 (`benchmarks/logic_by_hops.py --lr 1e-3 --name "
                              "logic_by_hops_lr1e-3`)"),
     ("ablations", "Ablations: each component switched off on its own probe task (`benchmarks/ablations.py`)"),
+    ("logic_variants", "2-hop chains: hydra-tiny variants against the goal of 0.5 within 1,000 steps "
+                       "(`benchmarks/logic_variants.py`)"),
 ]
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 

@@ -101,7 +101,8 @@ _DEFAULTS = TrainConfig()
 @click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True,
               help="Seed of the initial weights and the training data.")
 @click.option("--eval-batches", type=int, default=_DEFAULTS.eval_batches, show_default=True,
-              help="Held-out batches (of --batch-size sequences) evaluated after training.")
+              help="Held-out batches evaluated after training, each as many tokens as --batch-size "
+                   "sequences (the logic task poses each problem alone, so more of them fit).")
 @click.option("--threads", type=int, default=None,
               help="Torch threads per process  [default: the CPU cores divided by the processes on this machine]")
 @click.option("--out", default=_DEFAULTS.out, show_default=True, help="Checkpoint file to write.")
