@@ -1,10 +1,10 @@
 """Logic accuracy of hydra-tiny variants: which change lets a tiny Hydra chain two lookups?
 
 Each variant trains hydra-tiny on the logic task with one change to the model
-config or the training options, then reports held-out accuracy by hop count
-(each problem posed alone, from a fresh state) and what the model predicts on
-2-hop problems: the right letter, another chain end (a letter that never
-appears on the left of a premise), or something else. A model that recognises
+config or the training options. The script reports held-out accuracy by hop
+count, each problem posed alone from a fresh state. It also counts what the
+model predicts on 2-hop problems: the right letter, another chain end (a letter
+that never appears on the left of a premise), or something else. A model that recognises
 chain ends without chaining lookups gets 2-hop problems right about as often
 as one over the number of chain ends. The results file is rewritten after
 every run. Usage:

@@ -179,9 +179,9 @@ class ChainOracle(nn.Module):
     """A stand-in model that solves every problem posed alone from position 0.
 
     It reads the premises of each row up to the query, follows the chain and
-    puts its one high logit on the chain's end at the query's arrow only, so
-    an evaluation that reads any other position, or a row that contains more
-    than one problem, scores below 1.
+    puts its one high logit on the chain's end at the query's arrow only. An
+    evaluation that reads any other position scores below 1, and so does one
+    whose rows contain more than one problem.
     """
 
     def __init__(self, task: LogicTask) -> None:
@@ -195,7 +195,8 @@ class ChainOracle(nn.Module):
             tokens = [inverse[i] for i in ids]
             premises = []
             pos = 0
-            while tokens[pos + 3] == ".":  # "X -> Y ." until the query "S -> answer ." "<eos>"
+            # Premises are "X -> Y ." and the query "S -> answer ." is the one followed by "<eos>".
+            while tokens[pos + 3] == ".":
                 if tokens[pos + 4] == "<eos>":
                     break
                 premises.append((tokens[pos], tokens[pos + 2]))

@@ -252,9 +252,9 @@ class LogicTask:
             batch = [next(problems) for _ in range(rows)]
             ids = [self.problem_ids(p) for p in batch]
             inputs = torch.tensor([x + [self.vocab[PAD]] * (longest - len(x)) for x in ids])  # (rows, longest)
-            # the answer follows the query's arrow, the 4th token from the end (answer, ".", "<eos>" after it)
+            # The query's arrow is the 4th token from the end: the answer, "." and "<eos>" follow it.
             arrow = torch.tensor([len(x) - 4 for x in ids])
-            answers = torch.tensor([x[-3] for x in ids])
+            answers = torch.tensor([self.vocab[p.answer] for p in batch])
             hops = torch.tensor([p.hops for p in batch])
             logits, _ = model(inputs)
             predicted = logits[torch.arange(rows), arrow].argmax(-1)  # (rows,)
